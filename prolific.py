@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from hashgrid import HashGrid
+
 # -----------------------------------------------------------------------------
 # Config: every hyperparameter, with the paper's value and where it comes from
 
@@ -62,6 +64,9 @@ class Config:
     warmup_resolution: int = 64     # rendered at 64 for the first warmup_steps
     warmup_steps: int = 5000
     init: str = "object"            # object | scene | scene+object (Sec. 4.2)
+    grid_levels: int = 16           # App. F / Instant-NGP: 16 levels x 2 features, table 2^19,
+    grid_log2_table: int = 19       # resolutions 16 .. 2048 (the authors' finest level)
+    grid_max_resolution: int = 2048
     grid_lr: float = 1e-2           # App. F: hash grid lr 0.01
     mlp_lr: float = 1e-3            # MLP decoders and background
     n_samples: int = 64             # App. F: 64 coarse + 32 fine samples per ray
@@ -517,6 +522,373 @@ class Camera:
     def to(self, device):
         return Camera(*[getattr(self, f.name).to(device) for f in fields(self)])
 
+    def __getitem__(self, k):  # one camera of the batch, still batched: (1, ...)
+        return Camera(*[getattr(self, f.name)[k:k + 1] for f in fields(self)])
+
+    def __len__(self):
+        return len(self.c2w)
+
+
+def sample_cameras(batch, cfg, device):
+    """Training cameras (App. F): elevation U(-10, 45), azimuth U(-180, 180), fovy U(40, 70) degrees,
+    distance U(1.0, 1.5) for objects (U(0.1, 2.3) for scenes, U(1.0, 2.0) for scene+object)."""
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(batch, device=device)
+    return Camera.orbit(u(-10.0, 45.0), u(-180.0, 180.0), u(*camera_distance(cfg)), u(40.0, 70.0))
+
+
+def camera_distance(cfg):
+    return {"object": (1.0, 1.5), "scene": (0.1, 2.3), "scene+object": (1.0, 2.0)}[cfg.init]
+
+
+def scene_bound(cfg):
+    """Half-size of the box the NeRF lives in (App. F): 1.0 for objects, 5.0 for scenes."""
+    return 1.0 if cfg.init == "object" else 5.0
+
+
+def turntable_cameras(frames, cfg, device, elevation=15.0):
+    az = torch.linspace(-180.0, 180.0, frames + 1, device=device)[:-1]
+    dist = sum(camera_distance(cfg)) / 2
+    full = lambda v: torch.full((frames,), v, device=device)
+    return Camera.orbit(full(elevation), az, full(dist), full(55.0))
+
+
+# -----------------------------------------------------------------------------
+# 5. The NeRF field: hash grid -> single-layer MLPs (App. F), with the density initialisation of Sec. 4.2
+
+
+def density_init(x, init):
+    """sigma_init(mu) = lambda (1 - ||mu|| / r), added before the softplus (Sec. 4.2).
+    object: lambda=10, r=0.5 (Magic3D's blob); scene: lambda=-10, r=2.5 (hollow, encloses the camera);
+    scene+object: object form inside ||mu|| < 5/6, where both forms equal -20/3, so it is continuous."""
+    r = x.norm(dim=-1)
+    obj, scene = 10.0 * (1 - r / 0.5), -10.0 * (1 - r / 2.5)
+    return {"object": obj, "scene": scene, "scene+object": torch.where(r < 5 / 6, obj, scene)}[init]
+
+
+class NeRFField(nn.Module):
+    """One particle theta: a multiresolution hash grid over the box [-bound, bound]^3 decoded by
+    single-hidden-layer MLPs into density (softplus) and albedo (sigmoid), plus a background MLP on the
+    view direction. No shading (App. F: disabled to save compute)."""
+
+    def __init__(self, cfg, hidden=64):
+        super().__init__()
+        self.bound, self.init = scene_bound(cfg), cfg.init
+        self.grid = HashGrid(n_levels=cfg.grid_levels, log2_table_size=cfg.grid_log2_table,
+                             max_resolution=cfg.grid_max_resolution)
+        self.density_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.color_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 3))
+        self.background = nn.Sequential(nn.Linear(15, 32), nn.SiLU(), nn.Linear(32, 3))
+
+    def features(self, x):  # (N, 3) world -> (N, 32) grid features and (N,) inside-the-box mask
+        u = (x / self.bound + 1) / 2
+        inside = ((u >= 0) & (u <= 1)).all(-1)
+        return self.grid(u.clamp(0, 1)), inside
+
+    def density(self, x):  # (N, 3) -> (N,)
+        h, inside = self.features(x)
+        return F.softplus(self.density_mlp(h)[:, 0] + density_init(x, self.init)) * inside
+
+    def forward(self, x):  # (N, 3) -> density (N,), albedo (N, 3)
+        h, inside = self.features(x)
+        sigma = F.softplus(self.density_mlp(h)[:, 0] + density_init(x, self.init)) * inside
+        return sigma, torch.sigmoid(self.color_mlp(h))
+
+    def background_color(self, d):  # (N, 3) unit view directions -> (N, 3)
+        enc = torch.cat([d] + [f(2.0 ** k * math.pi * d) for k in range(2) for f in (torch.sin, torch.cos)], -1)
+        return torch.sigmoid(self.background(enc))
+
+
+def field_optimizer(field, cfg):
+    """AdamW with App. F's per-group learning rates: hash grid 1e-2, MLPs 1e-3. No weight decay on the
+    grid (decay would pull unused table entries to zero for no reason)."""
+    grid = list(field.grid.parameters())
+    mlps = [p for n, p in field.named_parameters() if not n.startswith("grid.")]
+    return torch.optim.AdamW([{"params": grid, "lr": cfg.grid_lr, "weight_decay": 0.0},
+                              {"params": mlps, "lr": cfg.mlp_lr}], betas=(0.9, 0.99), eps=1e-15)
+
+
+# -----------------------------------------------------------------------------
+# 6. Volume rendering: 64 stratified + 32 importance samples per ray (App. F)
+
+
+def camera_rays(camera, height, width):
+    """World-space rays through pixel centres: origins and unit directions, each (B*H*W, 3)."""
+    dev = camera.c2w.device
+    i, j = torch.meshgrid(torch.arange(height, device=dev) + 0.5, torch.arange(width, device=dev) + 0.5, indexing="ij")
+    f = camera.focal(height)[:, None, None]                                   # (B, 1, 1)
+    d = torch.stack([(j - width / 2) / f, -(i - height / 2) / f, -torch.ones_like(j).expand_as(f * j)], -1)  # (B,H,W,3)
+    d = F.normalize(torch.einsum("bij,bhwj->bhwi", camera.c2w[:, :3, :3], d), dim=-1)
+    o = camera.c2w[:, None, None, :3, 3].expand_as(d)
+    return o.reshape(-1, 3), d.reshape(-1, 3)
+
+
+def ray_box(o, d, bound, near_min=0.05):
+    """Entry and exit distances of each ray through the box [-bound, bound]^3 (slab method). (N,) each;
+    rays that miss get an empty interval at near_min."""
+    inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    t1, t2 = (-bound - o) * inv, (bound - o) * inv
+    near = torch.minimum(t1, t2).amax(-1).clamp(min=near_min)
+    far = torch.maximum(t1, t2).amin(-1)
+    return near, torch.maximum(far, near + 1e-4)
+
+
+def composite(sigma, rgb, z, far):
+    """Alpha compositing along each ray. alpha_i = 1 - exp(-sigma_i delta_i); transmittance
+    T_i = prod_{j<i} (1 - alpha_j) is the *exclusive* cumprod (the light reaching sample i has passed
+    only the samples before it); weight w_i = T_i alpha_i. sigma (N,S), rgb (N,S,3), z (N,S), far (N,)."""
+    delta = torch.diff(z, dim=-1, append=far[:, None]).clamp(min=0)           # (N, S)
+    alpha = 1 - torch.exp(-sigma * delta)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], -1), -1)
+    w = trans * alpha                                                          # (N, S)
+    return w, (w[..., None] * rgb).sum(1), w.sum(-1, keepdim=True), (w * z).sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def sample_depths(field, o, d, near, far, n_samples, n_importance):
+    """Sample depths for each ray (no gradient): n_samples stratified in [near, far], then n_importance
+    more drawn from the coarse weights' piecewise-constant pdf (inverse CDF). (N, S) sorted."""
+    n = len(o)
+    bins = torch.linspace(0, 1, n_samples + 1, device=o.device)
+    u = bins[:-1] + torch.rand(n, n_samples, device=o.device) / n_samples    # one jittered sample per bin
+    z = near[:, None] + (far - near)[:, None] * u                              # (N, n_samples)
+    sigma = field.density((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3)).view(n, n_samples)
+    w, *_ = composite(sigma, torch.zeros(n, n_samples, 3, device=o.device), z, far)
+    pdf = (w + 1e-5) / (w + 1e-5).sum(-1, keepdim=True)                       # (N, n_samples)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)        # (N, n_samples + 1)
+    v = torch.rand(n, n_importance, device=o.device)
+    k = torch.searchsorted(cdf, v, right=True).clamp(1, n_samples) - 1          # bin of each draw
+    edges = near[:, None] + (far - near)[:, None] * bins                        # (N, n_samples + 1)
+    lo, hi = edges.gather(1, k), edges.gather(1, k + 1)
+    frac = (v - cdf.gather(1, k)) / pdf.gather(1, k)
+    fine = lo + (hi - lo) * frac.clamp(0, 1)
+    return torch.sort(torch.cat([z, fine], -1), -1).values
+
+
+def render_rays(field, o, d, z, far, background):
+    """Shade rays at given sample depths z (N, S): differentiable w.r.t. the field."""
+    n, s = z.shape
+    sigma, rgb = field((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3))
+    w, color, opacity, depth = composite(sigma.view(n, s), rgb.view(n, s, 3), z, far)
+    bg = field.background_color(d) if background is None else background
+    return color + (1 - opacity) * bg, opacity, depth
+
+
+def render(field, camera, height, width, background=None, n_samples=64, n_importance=32, chunk=1 << 15, depths=None):
+    """Volume-render a batch of cameras. background: None (the field's MLP) or (B, 3) solid colours.
+    Returns rgb (B,3,H,W) in [0,1] composited over the background, opacity and depth (B,1,H,W), and the
+    sample depths used (B*H*W, S), so that a second pass can re-render exactly the same samples.
+    Rays are processed in chunks so that 512x512 fits in memory."""
+    b = len(camera.c2w)
+    o, d = camera_rays(camera, height, width)                                 # (N, 3) with N = B*H*W
+    near, far = ray_box(o, d, field.bound)
+    bg = None if background is None else background.repeat_interleave(height * width, 0)  # (N, 3)
+    out = {"rgb": [], "opacity": [], "depth": [], "depths": []}
+    for k in range(0, len(o), chunk):
+        sl = slice(k, k + chunk)
+        z = depths[sl] if depths is not None else sample_depths(field, o[sl], d[sl], near[sl], far[sl],
+                                                                n_samples, n_importance)
+        rgb, opacity, depth = render_rays(field, o[sl], d[sl], z, far[sl], None if bg is None else bg[sl])
+        for key, v in zip(out, (rgb, opacity, depth, z)):
+            out[key].append(v)
+    image = lambda key, c: torch.cat(out[key]).view(b, height, width, c).permute(0, 3, 1, 2)
+    return {"rgb": image("rgb", 3), "opacity": image("opacity", 1), "depth": image("depth", 1),
+            "depths": torch.cat(out["depths"])}
+
+
+
+def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, chunk=1 << 15):
+    """Deferred back-propagation through the renderer. The first, gradient-free render gave the image;
+    the prior gave dL/d(image) = grad_rgb (B,3,H,W). Re-render the same samples chunk by chunk with
+    autograd and call backward(grad) on each chunk: the parameter gradients add up to exactly those of
+    one big differentiable render, with the memory of one chunk. The opacity regularisers join here."""
+    o, d = camera_rays(camera, size, size)
+    near, far = ray_box(o, d, field.bound)
+    g = grad_rgb.permute(0, 2, 3, 1).reshape(-1, 3)                            # (N, 3)
+    bg = None if background is None else background.repeat_interleave(size * size, 0)
+    n = len(o)
+    for k in range(0, n, chunk):
+        sl = slice(k, k + chunk)
+        rgb, opacity, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], far[sl],
+                                      None if bg is None else bg[sl])
+        a = opacity.clamp(1e-5, 1 - 1e-5)
+        entropy = -(a * a.log() + (1 - a) * (1 - a).log()).sum() / n           # push opacity to 0 or 1
+        loss = (rgb * g[sl]).sum() + cfg.lambda_entropy * entropy + cfg.lambda_sparsity * opacity.sum() / n
+        loss.backward()
+
+
+# -----------------------------------------------------------------------------
+# 7. Stage 1: text -> NeRF with VSD (Algorithm 1)
+
+
+def resolution(step, cfg):
+    """Render at 64 for the first warmup_steps (cheap while the shape forms), then at cfg.resolution."""
+    return min(cfg.warmup_resolution, cfg.resolution) if step < cfg.warmup_steps else cfg.resolution
+
+
+def anneal_at(cfg):
+    """App. F: t's range shrinks at 5k steps, at 10k for scenes (they need longer to converge)."""
+    return cfg.anneal_step if cfg.init == "object" else 2 * cfg.anneal_step
+
+
+class TrainingStopped(Exception):
+    """A run that cannot continue (NaN loss): message printed, last good checkpoint kept, exit 1."""
+
+
+def train_nerf(prior, cfg, out=None, resume=False, progress=False):
+    """Algorithm 1 for NeRFs: n particles theta_i (each a NeRFField with its background) share one
+    eps_phi. Each step trains one random particle. Returns the list of trained fields.
+    out: run folder for previews, log, checkpoints and turntables (None: write nothing);
+    resume: continue from out/checkpoint.pt exactly where it stopped."""
+    device = prior.alphas_cumprod.device
+    torch.manual_seed(cfg.seed)
+    particles = [NeRFField(cfg).to(device) for _ in range(cfg.particles)]
+    optims = [field_optimizer(f, cfg) for f in particles]
+    eps_phi, opt_phi = None, None
+    if cfg.method == "vsd":
+        x0_shape = None if isinstance(prior, StableDiffusionPrior) else probe_shape(prior, cfg, device)
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, x0_shape, device)
+    start = load_checkpoint(out, particles, optims, eps_phi, opt_phi) if resume else 0
+    bar = progress_bar(range(start, cfg.steps), progress, desc="stage 1", initial=start, total=cfg.steps)
+    rng = rng_state()
+    try:
+        for step in bar:
+            rng = rng_state()  # a checkpoint taken during this step restarts it from here
+            i = int(torch.randint(cfg.particles, ()))
+            field, opt = particles[i], optims[i]
+            camera, size = sample_cameras(1, cfg, device), resolution(step, cfg)
+            bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else None
+            with torch.no_grad():
+                first = render(field, camera, size, size, bg, cfg.n_samples, cfg.n_importance)  # x = g(theta, c)
+            image = first["rgb"].requires_grad_(True)                        # (1, 3, size, size)
+            x0 = prior.encode(image)                                         # (1, C, h, w), graph to image
+            t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9) or (3)
+            loss = surrogate_loss(x0, g)
+            if not torch.isfinite(loss):
+                raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
+            loss.backward()                                                  # image.grad = dL/dx
+            opt.zero_grad()
+            backward_through_render(field, camera, size, first, image.grad, bg, cfg)
+            opt.step()
+            loss_phi = torch.zeros(())
+            if eps_phi is not None:                                          # Eq. (8): LoRA step
+                loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
+                opt_phi.zero_grad()
+                loss_phi.backward()
+                opt_phi.step()
+            bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t), res=size)
+            if out is not None:
+                periodic_outputs(out, step + 1, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size)
+    except KeyboardInterrupt:
+        if out is not None:  # save the state at the start of the interrupted step, then stop
+            save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng)
+            print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
+        raise
+    if out is not None:
+        save_checkpoint(out, cfg.steps, particles, optims, eps_phi, opt_phi, rng_state())
+        for k, f in enumerate(particles):
+            write_turntable(f, cfg, os.path.join(out, f"particle{k}"))
+    return particles
+
+
+def probe_shape(prior, cfg, device):
+    """The shape of x0 for one render, so a from-scratch eps_phi can be built to match."""
+    with torch.no_grad():
+        return tuple(prior.encode(torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device)).shape)
+
+
+def bar_info(bar, **info):
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(**info)
+
+
+def periodic_outputs(out, step, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size):
+    """Log line, previews and checkpoints every so many steps (all under the run folder)."""
+    if step % 50 == 0 or step == cfg.steps:
+        log(out, f"step {step} loss {loss.item():.5g} loss_phi {loss_phi.item():.5f} t {int(t)} res {size}")
+    if step % cfg.preview_every == 0:
+        save_preview(particles, cfg, os.path.join(out, "previews", f"step_{step:06d}.png"))
+    if step % cfg.save_every == 0 and step < cfg.steps:
+        save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng_state())
+
+
+@torch.no_grad()
+def save_preview(particles, cfg, path, size=128):
+    """Each particle seen from the front: colour above depth."""
+    device = next(particles[0].parameters()).device
+    cam = turntable_cameras(1, cfg, device)
+    rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 1)
+            for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image(torch.cat(rows, 2), path)
+
+
+def depth_image(depth, cfg):
+    """(1, H, W) depth -> (3, H, W) grey in [0,1], near is bright, empty is black."""
+    lo, hi = camera_distance(cfg)
+    span = lo + hi  # a generous range: depths run from ~0 to the far side of the box
+    return ((span - depth) / span * (depth > 0)).clamp(0, 1).expand(3, -1, -1)
+
+
+@torch.no_grad()
+def write_turntable(field, cfg, folder, frames=36, size=None):
+    """Colour | depth frames around the object, as PNGs and an animated WebP (GIF where pillow lacks WebP)."""
+    size = size or min(cfg.resolution, 256)
+    os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
+    device = next(field.parameters()).device
+    cams = turntable_cameras(frames, cfg, device)
+    images = []
+    for k in range(frames):
+        r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance)
+        frame = torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 2)
+        save_image(frame, os.path.join(folder, "frames", f"frame_{k:03d}.png"))
+        images.append(Image.open(os.path.join(folder, "frames", f"frame_{k:03d}.png")).convert("RGB"))
+    save_animation(images, os.path.join(folder, "turntable"))
+
+
+def save_animation(images, stem):
+    from PIL import features
+    path = stem + (".webp" if features.check("webp") else ".gif")
+    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    images[0].save(tmp, save_all=True, append_images=images[1:], duration=80, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
+    """Everything needed to continue exactly: particles, optimisers, eps_phi's trainable weights (LoRA and
+    camera MLP, not the frozen UNet), RNG states. Written to a temp file, then renamed (atomic)."""
+    state = {"step": step, "particles": [f.state_dict() for f in particles],
+             "optims": [o.state_dict() for o in optims], "rng": rng}
+    if eps_phi is not None:
+        state["eps_phi"] = {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad}
+        state["opt_phi"] = opt_phi.state_dict()
+    path = os.path.join(out, "checkpoint.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"{out} has no checkpoint.pt to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for f, s in zip(particles, state["particles"]):
+        f.load_state_dict(s)
+    for o, s in zip(optims, state["optims"]):
+        o.load_state_dict(s)
+    if eps_phi is not None:
+        eps_phi.load_state_dict(state["eps_phi"], strict=False)
+        opt_phi.load_state_dict(state["opt_phi"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
 
 # -----------------------------------------------------------------------------
 # 11. Points and 2D: Algorithm 1 with the identity render g(theta) = theta
@@ -794,8 +1166,13 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    signal.signal(signal.SIGTERM, interrupt)  # a kill saves a checkpoint like Ctrl-C does
     try:
-        if args.toy:
+        if args.resume:
+            out = args.resume
+            cfg = load_config(out)
+            run_nerf(cfg, out, device, resume=True)
+        elif args.toy:
             out = make_run_folder(args.out, "toy")
             run_toy(cfg, out)
         elif args.two_d:
@@ -803,13 +1180,47 @@ def main(argv=None):
             save_config(cfg, out)
             run_2d(cfg, out, device)
             print(f"wrote {os.path.join(out, 'particles.png')}")
+        else:
+            out = make_run_folder(args.out, slug(cfg.prompt))
+            save_config(cfg, out)
+            run_nerf(cfg, out, device)
     except UserError as e:
         print(f"prolific.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"prolific.py: stopped: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"prolific.py: CUDA out of memory at --resolution {cfg.resolution} with {cfg.particles} particle(s). "
+              f"Lower memory with --resolution 256 (or 128), --lora-model same (one UNet instead of two), "
+              f"or fewer --particles; the last checkpoint is kept (--resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_nerf(cfg, out, device, resume=False):
+    """Stage 1 from the command line: load SD, train, write turntables."""
+    prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
+    announce(cfg, device, prior)
+    train_nerf(prior, cfg, out, resume=resume, progress=True)
+    print(f"wrote {out}: particle*/turntable, previews/, checkpoint.pt, log.txt")
+
+
+def load_config(out):
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"--resume {out}: no readable config.json there") from None
+    return Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
 
 
 def save_config(cfg, out):
