@@ -68,7 +68,7 @@ class Config:
     grid_log2_table: int = 19       # resolutions 16 .. 2048 (the authors' finest level)
     grid_max_resolution: int = 2048
     grid_lr: float = 1e-2           # App. F: hash grid lr 0.01
-    mlp_lr: float = 1e-3            # MLP decoders and background
+    mlp_lr: float = 1e-2            # MLP decoders and background (not in the paper; see README)
     n_samples: int = 64             # App. F: 64 coarse + 32 fine samples per ray
     n_importance: int = 32
     random_background: float = 0.5  # probability of a random solid colour instead of the background MLP
@@ -183,11 +183,45 @@ def tiny_sd(seed=0):
     return tokenizer, text_encoder, vae, tiny_unet(seed=seed)
 
 
+def random_sd21(seed=0):
+    """Stable Diffusion 2.1-base's architecture with random weights, built from configs (no download):
+    for measuring speed and memory. UNet 866M parameters, OpenCLIP-ViT-H-shaped text encoder, SD's VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    folder = tempfile.mkdtemp(prefix="random-sd21-")
+    vocab_size = write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                              model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, hidden_act="gelu", max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=512))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2)
+    return tokenizer, text_encoder, vae, random_sd21_unet(seed=seed)
+
+
+def random_sd21_unet(prediction_type="epsilon", seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                                use_linear_projection=True)
+    unet.register_to_config(prediction_type=prediction_type)
+    return unet
+
+
+RANDOM_MODELS = {"tiny": (tiny_sd, tiny_unet), "random-sd21": (random_sd21, random_sd21_unet)}
+
+
 def load_sd(model, dtype):
-    """Tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion repository or folder.
+    """Tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion repository or folder, or one
+    of the random models built from configs ("tiny" for tests, "random-sd21" for benchmarks).
     Any failure becomes one UserError naming what was tried and how to pass a local folder."""
-    if model == "tiny":
-        return tiny_sd()
+    if model in RANDOM_MODELS:
+        parts = RANDOM_MODELS[model][0]()
+        return [m.to(dtype) if isinstance(m, nn.Module) and dtype != torch.float32 else m for m in parts]
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     local = os.path.isdir(model)
@@ -362,8 +396,8 @@ class LoRAScore(nn.Module):
         from peft import LoraConfig
         if cfg.lora_model == "same":
             unet = prior.unet
-        elif cfg.model == "tiny":  # with --model tiny everything is tiny: a second random UNet, v-prediction
-            unet = tiny_unet("v_prediction", seed=1).to(prior.device)
+        elif cfg.model in RANDOM_MODELS:  # a random prior gets a random v-prediction UNet of the same shape
+            unet = RANDOM_MODELS[cfg.model][1]("v_prediction", seed=1).to(prior.device, prior.dtype)
         else:
             try:
                 unet = load_unet(cfg.lora_model, prior.dtype).to(prior.device)
@@ -1078,8 +1112,8 @@ def log(out, line):
 def announce(cfg, device, prior):
     dtype = getattr(prior, "dtype", torch.float32)
     print(f"device {device} ({dtype} frozen models, fp32 trainable); model {cfg.model}")
-    if cfg.model == "tiny":
-        print("--model tiny: a tiny *random* Stable Diffusion for testing the code path; its pictures are noise")
+    if cfg.model in RANDOM_MODELS:
+        print(f"--model {cfg.model}: a *random* Stable Diffusion for testing the code path; its pictures are noise")
 
 
 def slug(text):
@@ -1131,7 +1165,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=positive(int), default=None, help="optimisation steps (default: the mode's)")
     p.add_argument("--resolution", type=positive(int), default=Config.resolution, help="final render size")
     p.add_argument("--init", choices=["object", "scene", "scene+object"], default=Config.init)
-    p.add_argument("--model", default=Config.model, help='hub id, local folder, or "tiny"')
+    p.add_argument("--model", default=Config.model,
+                   help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download)')
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
     p.add_argument("--negative-prompt", default=Config.negative_prompt)
     p.add_argument("--seed", type=int, default=Config.seed)
