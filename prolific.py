@@ -14,23 +14,29 @@ Letters used in shape comments: B batch, C channels, H/W height/width, N points 
 ray, d point dimension, n particles.
 """
 import argparse
+import copy
+import io
 import json
 import math
 import os
 import re
 import signal
+import struct
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from hashgrid import HashGrid
+from marching_tets import DMTet
 
 # -----------------------------------------------------------------------------
 # Config: every hyperparameter, with the paper's value and where it comes from
@@ -75,9 +81,15 @@ class Config:
     lambda_entropy: float = 1e-3    # push ray opacity to 0 or 1 (threestudio-style regulariser)
     lambda_sparsity: float = 1e-4   # discourage floaters: mean opacity
     # stages 2-3: mesh (Sec. 4.1, App. F)
-    geometry_steps: int = 15000
+    mesh: bool = False              # run stages 2-3 after stage 1
+    geometry_steps: int = 15000     # App. F: 15k steps of geometry, 30k of texture
     texture_steps: int = 30000
-    tet_resolution: int = 128
+    tet_resolution: int = 128       # DMTet grid: 128^3 cubes, 6 tetrahedra each
+    mesh_threshold: float = 5.0     # density at the surface (sdf = threshold - sigma); the initial blob has 10 at its centre
+    mesh_lr: float = 1e-2           # Adam on the DMTet's sdf and deformation
+    lambda_normal_consistency: float = 1e3  # our weights for the two mesh regularisers
+    lambda_laplacian: float = 1e3
+    texture_size: int = 2048        # texture atlas (2048^2 holds ~330k triangles)
     # 2D mode (App. G)
     steps_2d: int = 5000
     lr_2d: float = 0.03             # App. G: particle learning rate 0.03
@@ -404,6 +416,8 @@ class LoRAScore(nn.Module):
             except Exception as e:
                 raise UserError(f"could not load the LoRA UNet {cfg.lora_model!r} ({type(e).__name__}); pass a "
                                 f"local folder with --lora-model, or --lora-model same to use --model's UNet") from None
+        if getattr(unet, "_hf_peft_config_loaded", False):  # a LoRA left on the shared UNet by an earlier stage
+            unet.delete_adapters("default")
         unet.requires_grad_(False)
         width = unet.config.block_out_channels[0] * 4  # the timestep embedding's width (1280 for SD)
         # camera c = flattened 4x4 c2w -> 16 -> 1280 -> 1280, added to the time embedding (App. F)
@@ -751,6 +765,123 @@ def backward_through_render(field, camera, size, first, grad_rgb, background, cf
 
 
 # -----------------------------------------------------------------------------
+# Many GPUs: the particles split over the processes that torchrun starts (torch.distributed)
+#
+# `torchrun --nproc_per_node N prolific.py ...` runs N copies of this program. Rank r owns particles
+# r P/N .. (r+1) P/N - 1. eps_phi is replicated: it starts from rank 0's weights and its gradients are
+# averaged over the ranks before every step, so all ranks train one eps_phi on all P particles, as in
+# Algorithm 1 with n = P. Every rank builds eps_phi right after torch.manual_seed(seed), then reseeds with
+# seed + 1000 r: its particles and random draws (cameras, t, noise) are its own, and rank 0's are those of
+# a plain run. Rank 0 writes the log, config, previews and checkpoints; each rank writes its own
+# particles' turntables. A plain `python prolific.py` has no process group and all of this does nothing.
+
+
+def world():
+    """(rank, number of processes): torchrun's RANK and WORLD_SIZE; (0, 1) for a plain run."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed():
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU). Returns the device this rank computes
+    on: cuda:LOCAL_RANK, or the CPU. Without torchrun's environment: no process group."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def check_split(args, cfg):
+    """Before joining the process group: the particles must split evenly over the processes."""
+    n = world()[1]
+    if n > 1 and args.toy:
+        raise UserError("--toy runs in one process: start it with python, not torchrun")
+    if not args.resume and cfg.particles % n:  # a resumed run was split when it started
+        raise UserError(f"--particles {cfg.particles} does not split over {n} processes; use a multiple of {n}")
+
+
+def my_particles(cfg):
+    """The global indices of this rank's particles."""
+    rank, n = world()
+    k = cfg.particles // n
+    return range(rank * k, (rank + 1) * k)
+
+
+def broadcast_params(module):
+    """Rank 0's trainable weights on every rank (eps_phi's frozen UNet is the same file everywhere)."""
+    if world()[1] > 1:
+        for p in module.trainable():
+            dist.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(module):
+    """Average the trainable gradients over the ranks, all in one flat all-reduce: every rank then takes
+    the same optimiser step on the mean of the ranks' Eq. (8) losses."""
+    n = world()[1]
+    if n == 1:
+        return
+    params = module.trainable()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, (flat / n).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def gather_cat(x, dim=0):
+    """x from every rank (the same shape everywhere), concatenated in rank order along dim."""
+    n = world()[1]
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def gather_lists(items):
+    """Every rank's list, joined in rank order, on rank 0 (None on the others). Tensors go to the CPU
+    first, so that rank 0 never unpickles a tensor onto another rank's GPU."""
+    rank, n = world()
+    items = to_cpu(items)
+    if n == 1:
+        return items
+    parts = [None] * n if rank == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return None if parts is None else [x for part in parts for x in part]
+
+
+def to_cpu(obj):
+    """A copy of a nest of dicts, lists and tensors (a state_dict) with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 alone; every rank returns its result, or raises its UserError."""
+    rank, n = world()
+    result = [None]
+    if rank == 0:
+        try:
+            result = [fn(*args)]
+        except UserError as e:
+            result = [e]
+    if n > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+# -----------------------------------------------------------------------------
 # 7. Stage 1: text -> NeRF with VSD (Algorithm 1)
 
 
@@ -770,24 +901,29 @@ class TrainingStopped(Exception):
 
 def train_nerf(prior, cfg, out=None, resume=False, progress=False):
     """Algorithm 1 for NeRFs: n particles theta_i (each a NeRFField with its background) share one
-    eps_phi. Each step trains one random particle. Returns the list of trained fields.
+    eps_phi. Each step trains one random particle (under torchrun: one of this rank's, so N at a time).
+    Returns this rank's trained fields.
     out: run folder for previews, log, checkpoints and turntables (None: write nothing);
     resume: continue from out/checkpoint.pt exactly where it stopped."""
     device = prior.alphas_cumprod.device
+    rank = world()[0]
     torch.manual_seed(cfg.seed)
-    particles = [NeRFField(cfg).to(device) for _ in range(cfg.particles)]
-    optims = [field_optimizer(f, cfg) for f in particles]
     eps_phi, opt_phi = None, None
     if cfg.method == "vsd":
         x0_shape = None if isinstance(prior, StableDiffusionPrior) else probe_shape(prior, cfg, device)
         eps_phi, opt_phi = make_eps_phi(prior, cfg, x0_shape, device)
+        broadcast_params(eps_phi)                                            # one eps_phi on all ranks
+    torch.manual_seed(cfg.seed + 1000 * rank)                                # this rank's own random stream
+    particles = [NeRFField(cfg).to(device) for _ in my_particles(cfg)]
+    optims = [field_optimizer(f, cfg) for f in particles]
     start = load_checkpoint(out, particles, optims, eps_phi, opt_phi) if resume else 0
-    bar = progress_bar(range(start, cfg.steps), progress, desc="stage 1", initial=start, total=cfg.steps)
+    bar = progress_bar(range(start, cfg.steps), progress and rank == 0, desc="stage 1", initial=start,
+                       total=cfg.steps)
     rng = rng_state()
     try:
         for step in bar:
             rng = rng_state()  # a checkpoint taken during this step restarts it from here
-            i = int(torch.randint(cfg.particles, ()))
+            i = int(torch.randint(len(particles), ()))
             field, opt = particles[i], optims[i]
             camera, size = sample_cameras(1, cfg, device), resolution(step, cfg)
             bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else None
@@ -809,18 +945,21 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
                 loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
                 opt_phi.zero_grad()
                 loss_phi.backward()
+                all_reduce_grads(eps_phi)                                    # mean over the ranks
                 opt_phi.step()
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t), res=size)
             if out is not None:
                 periodic_outputs(out, step + 1, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size)
     except KeyboardInterrupt:
-        if out is not None:  # save the state at the start of the interrupted step, then stop
+        # save the state at the start of the interrupted step, then stop. Under torchrun the ranks stop at
+        # different points and cannot meet to gather a checkpoint: the last periodic one is kept.
+        if out is not None and world()[1] == 1:
             save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng)
             print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
         raise
-    if out is not None:
+    if out is not None and start < cfg.steps:  # (a resumed, already finished run has nothing new to write)
         save_checkpoint(out, cfg.steps, particles, optims, eps_phi, opt_phi, rng_state())
-        for k, f in enumerate(particles):
+        for k, f in zip(my_particles(cfg), particles):                       # each rank renders its own
             write_turntable(f, cfg, os.path.join(out, f"particle{k}"))
     return particles
 
@@ -848,13 +987,16 @@ def periodic_outputs(out, step, cfg, particles, optims, eps_phi, opt_phi, loss, 
 
 @torch.no_grad()
 def save_preview(particles, cfg, path, size=128):
-    """Each particle seen from the front: colour above depth."""
+    """Each particle seen from the front: colour above depth. Each rank renders its own particles;
+    rank 0 writes all of them side by side."""
     device = next(particles[0].parameters()).device
     cam = turntable_cameras(1, cfg, device)
     rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 1)
             for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(torch.cat(rows, 2), path)
+    image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
+    if world()[0] == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_image(image, path)
 
 
 def depth_image(depth, cfg):
@@ -890,18 +1032,28 @@ def save_animation(images, stem):
 
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This process's generators: the CPU's and its own GPU's (not every GPU's: under torchrun that would
+    open a CUDA context on each GPU from each rank)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
     """Everything needed to continue exactly: particles, optimisers, eps_phi's trainable weights (LoRA and
     camera MLP, not the frozen UNet), RNG states. Written to a temp file, then renamed (atomic)."""
-    state = {"step": step, "particles": [f.state_dict() for f in particles],
-             "optims": [o.state_dict() for o in optims], "rng": rng}
+    # Under torchrun rank 0 gathers every rank's particles, optimisers and RNG states, in rank order
+    # (particles 0..P-1), and alone writes the file; eps_phi and its optimiser are the same on all ranks.
+    state = {"step": step, "world_size": world()[1], "particles": gather_lists([f.state_dict() for f in particles]),
+             "optims": gather_lists([o.state_dict() for o in optims]), "rng": gather_lists([rng])}
+    if world()[0] != 0:
+        return
     if eps_phi is not None:
         state["eps_phi"] = {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad}
         state["opt_phi"] = opt_phi.state_dict()
-    path = os.path.join(out, "checkpoint.pt")
+    atomic_save(state, os.path.join(out, "checkpoint.pt"))
+
+
+def atomic_save(state, path):
+    """torch.save to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -911,17 +1063,715 @@ def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
     if not os.path.exists(path):
         raise UserError(f"{out} has no checkpoint.pt to resume from")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    for f, s in zip(particles, state["particles"]):
+    rank, n = world()
+    if state["world_size"] != n:  # each rank's particles and random stream belong to one split
+        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
+                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+    mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
+    for f, s in zip(particles, state["particles"][mine]):
         f.load_state_dict(s)
-    for o, s in zip(optims, state["optims"]):
+    for o, s in zip(optims, state["optims"][mine]):
         o.load_state_dict(s)
     if eps_phi is not None:
         eps_phi.load_state_dict(state["eps_phi"], strict=False)
         opt_phi.load_state_dict(state["opt_phi"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# 8. A differentiable mesh rasteriser in plain PyTorch (DMTet and marching tets: marching_tets.py)
+#
+# Two passes:
+#   1. Without gradient, enumerate (face, pixel) candidate pairs from each face's screen bounding
+#      box and reduce them per pixel: a z-buffer (nearest covering face) and, for the soft
+#      mask, the face owning the nearest silhouette edge (an edge between a visible face and a
+#      culled one, i.e. where the outline runs).
+#   2. With gradient, recompute only the winning faces of each pixel: perspective-correct
+#      barycentrics give depth / position / normal, and a sigmoid of the signed distance to the
+#      outline gives a soft mask whose edges move with the vertices.
+# Pass 1 does the heavy lifting on many pairs but keeps no graph; pass 2 touches one face per
+# pixel, so the autograd graph is only O(pixels).
+
+# (face, pixel) pairs per chunk of pass 1: ~300 bytes of temporaries each, so ~0.3 GB. For scale, one
+# 512x512 view of a 200k-face sphere filling half the image makes ~0.4M pairs.
+RASTER_CHUNK = 1 << 20
+
+
+def _to_screen(vertices, camera, height, width, near):
+    """World vertices (V,3) -> pixel coordinates (B,V,2) as (u = column, v = row) and depth along -z (B,V)."""
+    c2w = camera.c2w.to(vertices)
+    rot, eye = c2w[:, :3, :3], c2w[:, :3, 3]                                 # (B,3,3), (B,3)
+    cam = (vertices[None] - eye[:, None]) @ rot                               # (B,V,3): R^T (x - eye), c2w is rigid
+    depth = -cam[..., 2]
+    # Vertices behind the near plane only belong to faces that are dropped; the clamp keeps them finite.
+    inv_depth = 1.0 / depth.clamp_min(near)
+    focal = camera.focal(height).to(vertices)[:, None]                        # (B,1)
+    u = 0.5 * width + focal * cam[..., 0] * inv_depth
+    v = 0.5 * height - focal * cam[..., 1] * inv_depth                        # image rows grow downwards
+    return torch.stack([u, v], -1), depth
+
+
+def _edge_neighbours(faces, num_vertices):
+    """(F,3) -> (F,3): index of the face across edge k (the edge opposite vertex k), -1 on a boundary."""
+    edges = torch.stack([faces[:, [1, 2]], faces[:, [2, 0]], faces[:, [0, 1]]], 1).reshape(-1, 2)  # (3F,2)
+    key = edges.amin(1) * num_vertices + edges.amax(1)                       # same key for both sides of an edge
+    order = key.argsort()
+    same = key[order[1:]] == key[order[:-1]]                                 # consecutive equal keys = a shared edge
+    first, second = order[:-1][same], order[1:][same]
+    neighbour = torch.full_like(key, -1)
+    neighbour[first], neighbour[second] = second // 3, first // 3
+    return neighbour.view(-1, 3)
+
+
+def _silhouette_edges(front, neighbour):
+    """Edges of visible faces whose neighbour is not visible (or missing): where the mesh outline runs.
+    front (B,F) bool, neighbour (F,3) -> (B,F,3) bool."""
+    padded = F.pad(front, (0, 1))                                            # column F is "no face": never front
+    other = padded[:, neighbour.where(neighbour >= 0, front.shape[1])]        # (B,F,3)
+    return front[..., None] & ~other
+
+
+def _barycentrics(tri, pix):
+    """Screen-space barycentrics of pixel centres pix (N,2) in triangles tri (N,3,2) -> (N,3)."""
+    start, end = tri.roll(-1, 1), tri.roll(-2, 1)                            # edge k runs opposite vertex k
+    edge, to_pix = end - start, pix[:, None] - start                         # (N,3,2)
+    cross = edge[..., 0] * to_pix[..., 1] - edge[..., 1] * to_pix[..., 0]    # twice the area of (start, end, pix)
+    return cross / cross.sum(1, keepdim=True)                                # the three sub-areas add up to the triangle
+
+
+def _silhouette_distance(tri, pix, silhouette):
+    """Pixel distance from pix (N,2) to the nearest silhouette edge segment of tri (N,3,2) -> (N,); inf if none."""
+    start, end = tri.roll(-1, 1), tri.roll(-2, 1)
+    edge, to_pix = end - start, pix[:, None] - start
+    t = ((to_pix * edge).sum(-1) / (edge * edge).sum(-1).clamp_min(1e-12)).clamp(0, 1)  # closest point on the segment
+    dist = (to_pix - t[..., None] * edge).norm(dim=-1)                       # (N,3)
+    return dist.masked_fill(~silhouette, math.inf).amin(1)
+
+
+def _float_key(value, face):
+    """Pack a non-negative float32 and a face index into one int64 that sorts by value first.
+    Non-negative IEEE floats compare like their bit patterns, so one integer scatter-amin
+    finds both the smallest value and the face it came from."""
+    return (value.float().view(torch.int32).long() << 32) | face
+
+
+def _face_of(buf):
+    """Face index held in packed keys (B*H*W,), -1 where the buffer is empty."""
+    return (buf & 0xFFFFFFFF).masked_fill(buf == torch.iinfo(torch.int64).max, -1)
+
+
+def _pixel_boxes(tri, margin, height, width):
+    """Pixels whose centres lie in each triangle's bounding box grown by margin px.
+    tri (N,3,2) -> first row, first column, number of rows, number of columns, all (N,) long."""
+    lo = (tri.amin(1) - margin).clamp(-2, max(height, width) + 2)            # (N,2) as (u, v)
+    hi = (tri.amax(1) + margin).clamp(-2, max(height, width) + 2)
+    first = (lo - 0.5).ceil().long().clamp_min(0)                            # centre j + 0.5 >= lo
+    last = torch.minimum((hi - 0.5).floor().long(), torch.tensor([width - 1, height - 1], device=tri.device))
+    count = (last - first + 1).clamp_min(0)
+    return first[:, 1], first[:, 0], count[:, 1], count[:, 0]
+
+
+def _pixel_pairs(row0, col0, nrows, ncols, chunk):
+    """Enumerate the (box, pixel) pairs of pixel boxes (N,), about chunk pairs at a time, without a loop
+    over boxes. Yields owner (P,) box index of each pair, row (P,), col (P,)."""
+    count = nrows * ncols
+    chunk_of = (count.cumsum(0) - count) // chunk                            # a box never straddles two chunks
+    boxes = torch.arange(len(count), device=count.device)
+    for ids in boxes.split(torch.bincount(chunk_of, minlength=1).tolist()):
+        n = count[ids]
+        owner = ids.repeat_interleave(n)                                     # box k repeated count[k] times
+        offset = torch.arange(len(owner), device=count.device) - (n.cumsum(0) - n).repeat_interleave(n)
+        yield owner, row0[owner] + offset // ncols[owner], col0[owner] + offset % ncols[owner]
+
+
+def _rasterize_pairs(screen, depth, faces, front, silhouette, height, width, margin, chunk):
+    """Pass 1 (no gradient). Returns two packed int64 buffers over the flattened (B*H*W,) pixels
+    (int64 max where empty), see _float_key:
+      zbuf: (depth, face) of the nearest face covering the pixel centre: the z-buffer;
+      sbuf: (distance, face) of the nearest silhouette edge, if closer than margin."""
+    batch, face = front.nonzero(as_tuple=True)                               # (N,) visible (camera, face) pairs
+    tri, tri_depth = screen[batch[:, None], faces[face]], depth[batch[:, None], faces[face]]  # (N,3,2), (N,3)
+    empty = torch.iinfo(torch.int64).max
+    zbuf = torch.full((len(front) * height * width,), empty, device=screen.device)
+    for owner, row, col in _pixel_pairs(*_pixel_boxes(tri, 0.0, height, width), chunk):
+        pix = torch.stack([col, row], -1) + 0.5                              # (P,2) pixel centres as (u, v)
+        bary = _barycentrics(tri.index_select(0, owner), pix)
+        inside = (bary >= 0).all(1)
+        owner, row, col, bary = owner[inside], row[inside], col[inside], bary[inside]
+        # 1/depth is linear in screen space, so interpolate it with the screen barycentrics.
+        pair_depth = 1.0 / (bary / tri_depth.index_select(0, owner)).sum(1)
+        pixel = (batch[owner] * height + row) * width + col                  # flat index into (B,H,W)
+        zbuf.scatter_reduce_(0, pixel, _float_key(pair_depth, face[owner]), "amin")
+
+    # Only faces with a silhouette edge matter for the outline; they look a margin beyond their box.
+    edgy = silhouette[batch, face].any(1).nonzero().squeeze(1)              # (M,) indices into the N faces
+    sbuf = torch.full_like(zbuf, empty)
+    for owner, row, col in _pixel_pairs(*_pixel_boxes(tri[edgy], margin, height, width), chunk):
+        owner = edgy[owner]
+        pix = torch.stack([col, row], -1) + 0.5
+        dist = _silhouette_distance(tri.index_select(0, owner), pix, silhouette[batch[owner], face[owner]])
+        near = dist < margin
+        owner, row, col = owner[near], row[near], col[near]
+        pixel = (batch[owner] * height + row) * width + col
+        sbuf.scatter_reduce_(0, pixel, _float_key(dist[near], face[owner]), "amin")
+    return zbuf, sbuf
+
+
+def _scatter_image(values, pixel, shape):
+    """values (P,C) at flat pixel indices (P,) -> (B,C,H,W) image, zero elsewhere (differentiable)."""
+    batch, height, width = shape
+    image = values.new_zeros(batch * height * width, values.shape[1]).index_copy(0, pixel, values)
+    return image.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _surface(vertices, faces, screen, depth, face_id, height, width, smooth_normals):
+    """Pass 2 for the covered pixels: recompute the visible face's perspective-correct barycentrics with
+    autograd and interpolate. Returns flat pixel indices (P,) and per-pixel attributes."""
+    pixel = (face_id >= 0).nonzero().squeeze(1)                              # (P,)
+    batch, fid = pixel // (height * width), face_id[pixel]
+    corners = faces[fid]                                                     # (P,3)
+    pix = torch.stack([pixel % width, pixel // width % height], -1) + 0.5
+    bary = _barycentrics(screen[batch[:, None], corners], pix)               # (P,3) screen-space
+    # Perspective-correct weights: screen barycentrics divided by vertex depth, renormalised
+    # (the normaliser is 1/depth at the pixel, which is linear in screen space).
+    weights = bary / depth[batch[:, None], corners]
+    pix_depth = 1.0 / weights.sum(1, keepdim=True)                           # (P,1)
+    weights = weights * pix_depth
+    position = (weights[..., None] * vertices[corners]).sum(1)               # (P,3)
+    v0, v1, v2 = vertices[faces].unbind(1)
+    face_normal = torch.cross(v1 - v0, v2 - v0, dim=-1)                       # (F,3), length = twice the area
+    if smooth_normals:  # area-weighted vertex normals, interpolated across the face
+        vertex_normal = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), face_normal.repeat_interleave(3, 0))
+        normal = (weights[..., None] * F.normalize(vertex_normal, dim=-1)[corners]).sum(1)
+    else:
+        normal = face_normal[fid]
+    return pixel, dict(normal=F.normalize(normal, dim=-1), depth=pix_depth, position=position, bary=weights)
+
+
+def _soft_mask(faces, screen, silhouette, face_id, edge_face, shape, sigma, margin):
+    """Pass 2 for the outline: sigmoid(signed distance to the nearest silhouette edge / sigma), with autograd.
+    Far from the outline the mask is the hard coverage. Returns (B*H*W,)."""
+    batch, height, width = shape
+    covered = face_id >= 0                                                   # (BHW,)
+    # A covered pixel only blurs if an uncovered pixel is within the margin: silhouette edges hidden
+    # behind other surfaces (or folded inside the outline) must not dent the inside of the mask.
+    k = math.ceil(margin)
+    hole = F.max_pool2d((~covered).float().view(batch, 1, height, width), 2 * k + 1, 1, k).view(-1) > 0
+    pixel = ((edge_face >= 0) & (~covered | hole)).nonzero().squeeze(1)      # (S,)
+    b, fid = pixel // (height * width), edge_face[pixel]
+    pix = torch.stack([pixel % width, pixel // width % height], -1) + 0.5
+    dist = _silhouette_distance(screen[b[:, None], faces[fid]], pix, silhouette[b, fid])
+    signed = torch.where(covered[pixel], dist, -dist)                        # > 0 inside the outline
+    return covered.to(screen.dtype).index_put((pixel,), torch.sigmoid(signed / sigma))
+
+
+def render_mesh(vertices, faces, camera, height, width, *, smooth_normals=False, sigma=0.5, near=1e-2, chunk=RASTER_CHUNK):
+    """Rasterise a triangle mesh seen by a batch of cameras, differentiably w.r.t. the vertices.
+
+    vertices (V,3) float world positions, faces (F,3) long, counter-clockwise seen from outside.
+    Returns a dict of images; all but the mask are zero where no face is visible:
+      mask      (B,1,H,W) soft coverage in [0,1]: within 4*sigma px of the outline it is
+                sigmoid(signed distance to the nearest silhouette edge / sigma), in the spirit of
+                SoftRas (Liu et al. 2019, "Soft Rasterizer"), so the outline moves with the vertices
+                and gets gradients; elsewhere it is the hard 0/1 coverage.
+      normal    (B,3,H,W) world-space unit normal: the face normal, or the interpolated vertex normal
+                if smooth_normals.
+      depth     (B,1,H,W) distance along the camera's -z axis.
+      position  (B,3,H,W) world-space surface point.
+      bary      (B,3,H,W) perspective-correct barycentrics of the visible face (for texturing).
+      face_id   (B,H,W) long index of the visible face, -1 where none.
+    sigma is the outline's softness in pixels. Back faces and faces reaching the near plane
+    (depth <= near) are dropped. chunk bounds the (face, pixel) pairs held at once (~300 bytes
+    each): the default keeps 512x512 with ~200k faces well under 1 GB.
+    """
+    shape = (len(camera.c2w), height, width)
+    margin = 4 * sigma                                                       # sigmoid(4) ~ 0.98: beyond, hard 0/1
+    screen, depth = _to_screen(vertices, camera, height, width, near)        # (B,V,2), (B,V)
+
+    with torch.no_grad():  # pass 1: visibility
+        e1, e2 = (screen[:, faces[:, 1:]] - screen[:, faces[:, :1]]).unbind(2)  # (B,F,2) each
+        # Rows grow downwards, so faces that are counter-clockwise on the camera's (x, y-up) plane
+        # have negative signed area in (u, v). Zero area is edge-on or degenerate: nothing to draw.
+        front = (e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0] < 0) & (depth[:, faces] > near).all(-1)
+        silhouette = _silhouette_edges(front, _edge_neighbours(faces, len(vertices)))  # (B,F,3)
+        zbuf, sbuf = _rasterize_pairs(screen, depth, faces, front, silhouette, height, width, margin, chunk)
+        face_id, edge_face = _face_of(zbuf), _face_of(sbuf)                  # (BHW,) each
+
+    pixel, surface = _surface(vertices, faces, screen, depth, face_id, height, width, smooth_normals)
+    mask = _soft_mask(faces, screen, silhouette, face_id, edge_face, shape, sigma, margin)
+    out = {name: _scatter_image(value, pixel, shape) for name, value in surface.items()}
+    return dict(out, mask=mask.view(shape[0], 1, height, width), face_id=face_id.view(shape))
+
+
+# -----------------------------------------------------------------------------
+# 9. Stages 2-3: geometry by SDS on normal maps, then texture by VSD (Sec. 4.1, App. D.2, F)
+
+
+class TextureField(nn.Module):
+    """Albedo on the mesh surface: a hash grid + colour MLP with the NeRF colour path's architecture,
+    so it starts as an exact copy of the stage-1 colour (Sec. 4.1: the mesh inherits the NeRF)."""
+
+    def __init__(self, nerf):
+        super().__init__()
+        self.bound = nerf.bound
+        self.grid = copy.deepcopy(nerf.grid)
+        self.color_mlp = copy.deepcopy(nerf.color_mlp)
+
+    def forward(self, x):  # (N, 3) world -> (N, 3) in [0, 1]
+        return torch.sigmoid(self.color_mlp(self.grid(((x / self.bound + 1) / 2).clamp(0, 1))))
+
+
+def mesh_regularisers(vertices, faces):
+    """Normal consistency (1 - cos between the normals of faces sharing an edge) and Laplacian smoothness
+    (squared distance of each vertex to the mean of its neighbours), both means."""
+    fn = F.normalize(torch.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]],
+                                 vertices[faces[:, 2]] - vertices[faces[:, 0]], dim=-1), dim=-1)  # (F, 3)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values  # (3F, 2)
+    face_of = torch.arange(len(faces), device=faces.device).repeat(3)
+    key = edges[:, 0] * len(vertices) + edges[:, 1]
+    order = key.argsort()
+    key, face_of = key[order], face_of[order]
+    pair = key[1:] == key[:-1]                    # a closed mesh has every edge twice, adjacent once sorted
+    consistency = (1 - (fn[face_of[:-1][pair]] * fn[face_of[1:][pair]]).sum(-1)).mean()
+    nbr_sum = torch.zeros_like(vertices).index_add_(0, edges[:, 0], vertices[edges[:, 1]])
+    nbr_sum.index_add_(0, edges[:, 1], vertices[edges[:, 0]])
+    count = torch.zeros(len(vertices), device=vertices.device).index_add_(
+        0, edges.reshape(-1), torch.ones(edges.numel(), device=vertices.device))
+    laplacian = (vertices - nbr_sum / count.clamp(min=1)[:, None]).pow(2).sum(-1).mean()
+    return consistency, laplacian
+
+
+def normal_image(r, background):
+    """World normals in [-1,1] -> an RGB picture in [0,1] over a background colour (B,3)."""
+    return (r["normal"] * 0.5 + 0.5) * r["mask"] + background[:, :, None, None] * (1 - r["mask"])
+
+
+def texture_image(tex, r, background):
+    """Colour the visible surface points with the texture field; composite over the background."""
+    pos = r["position"].permute(0, 2, 3, 1)                                   # (B, H, W, 3)
+    hit = r["face_id"] >= 0                                                   # (B, H, W)
+    color = torch.zeros_like(pos)
+    color[hit] = tex(pos[hit])
+    color = color.permute(0, 3, 1, 2)
+    return color * r["mask"] + background[:, :, None, None] * (1 - r["mask"])
+
+
+def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=None):
+    """Stage 2: SDS at CFG 100 on rendered normal maps (App. F: 15k steps at 512) plus normal-consistency
+    and Laplacian regularisers; the DMTet's sdf and deformation are the parameters."""
+    device = prior.alphas_cumprod.device
+    use_guidance(prior, cfg.cfg_sds)
+    opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    bar = progress_bar(range(start, cfg.geometry_steps), progress, desc="stage 2 geometry", initial=start,
+                       total=cfg.geometry_steps)
+    step, rng = start, rng_state()
+    try:
+        for step in bar:
+            rng = rng_state()
+            vertices, faces = dmtet()
+            camera = sample_cameras(1, cfg, device)
+            r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
+            x0 = prior.encode(normal_image(r, torch.ones(1, 3, device=device)))  # normals over white
+            t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera)      # SDS, Eq. (3)
+            consistency, laplacian = mesh_regularisers(vertices, faces)
+            loss = surrogate_loss(x0, g) + cfg.lambda_normal_consistency * consistency + cfg.lambda_laplacian * laplacian
+            check_finite(loss, step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar_info(bar, loss=f"{loss.item():.3g}", t=int(t), faces=len(faces))
+            if out is not None and (step + 1) % cfg.save_every == 0:
+                save_mesh_checkpoint(out, 2, step + 1, dmtet, None, opt, None, None, rng_state())
+    except KeyboardInterrupt:
+        if out is not None:
+            save_mesh_checkpoint(out, 2, step, dmtet, None, opt, None, None, rng)
+        raise
+    return dmtet
+
+
+def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, state=None):
+    """Stage 3: geometry frozen, the texture field trained with VSD at CFG 7.5 and the annealed time
+    schedule (App. F: 30k steps). eps_phi is a fresh LoRA (or small net), as in stage 1."""
+    device = prior.alphas_cumprod.device
+    use_guidance(prior, guidance_scale(cfg, cfg.method))
+    with torch.no_grad():
+        vertices, faces = dmtet()
+    opt = torch.optim.AdamW([{"params": tex.grid.parameters(), "lr": cfg.grid_lr, "weight_decay": 0.0},
+                             {"params": tex.color_mlp.parameters(), "lr": cfg.mlp_lr}], betas=(0.9, 0.99), eps=1e-15)
+    eps_phi, opt_phi = None, None
+    if cfg.method == "vsd":
+        x0_shape = None if isinstance(prior, StableDiffusionPrior) else probe_shape(prior, cfg, device)
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, x0_shape, device)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        if eps_phi is not None:
+            eps_phi.load_state_dict(state["eps_phi"], strict=False)
+            opt_phi.load_state_dict(state["opt_phi"])
+    bar = progress_bar(range(start, cfg.texture_steps), progress, desc="stage 3 texture", initial=start,
+                       total=cfg.texture_steps)
+    step, rng = start, rng_state()
+    try:
+        for step in bar:
+            rng = rng_state()
+            camera = sample_cameras(1, cfg, device)
+            with torch.no_grad():
+                r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
+            bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else torch.ones(1, 3, device=device)
+            x0 = prior.encode(texture_image(tex, r, bg))
+            t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # VSD, Eq. (9)
+            loss = surrogate_loss(x0, g)
+            check_finite(loss, step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_phi = torch.zeros(())
+            if eps_phi is not None:
+                loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
+                opt_phi.zero_grad()
+                loss_phi.backward()
+                opt_phi.step()
+            bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t))
+            if out is not None and (step + 1) % cfg.save_every == 0:
+                save_mesh_checkpoint(out, 3, step + 1, dmtet, tex, opt, eps_phi, opt_phi, rng_state())
+    except KeyboardInterrupt:
+        if out is not None:
+            save_mesh_checkpoint(out, 3, step, dmtet, tex, opt, eps_phi, opt_phi, rng)
+        raise
+    return tex
+
+
+def check_finite(loss, step):
+    if not torch.isfinite(loss):
+        raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
+
+
+def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rng):
+    state = {"stage": stage, "step": step, "dmtet": dmtet.state_dict(), "opt": opt.state_dict(), "rng": rng,
+             "tex": None if tex is None else tex.state_dict()}
+    if eps_phi is not None:
+        state["eps_phi"] = {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad}
+        state["opt_phi"] = opt_phi.state_dict()
+    atomic_save(state, os.path.join(out, "mesh_checkpoint.pt"))
+
+
+def train_mesh(prior, cfg, nerf, out=None, progress=False):
+    """Stages 2-3 for one stage-1 particle: DMTet from the NeRF density -> geometry -> texture.
+    Resumes from out/mesh_checkpoint.pt when there is one. Returns (dmtet, texture field)."""
+    device = prior.alphas_cumprod.device
+    try:
+        dmtet = DMTet(cfg.tet_resolution, density_fn=nerf.density, bound=nerf.bound, threshold=cfg.mesh_threshold,
+                      device=device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    tex = TextureField(nerf).to(device)
+    path = None if out is None else os.path.join(out, "mesh_checkpoint.pt")
+    state = torch.load(path, map_location=device, weights_only=False) if path and os.path.exists(path) else None
+    if state is not None:
+        dmtet.load_state_dict(state["dmtet"])
+        if state["tex"] is not None:
+            tex.load_state_dict(state["tex"])
+        torch.set_rng_state(state["rng"]["cpu"])
+    if state is None or state["stage"] == 2:
+        train_geometry(prior, cfg, dmtet, out, progress, *((state["step"], state) if state else (0, None)))
+        state = None
+    train_texture(prior, cfg, dmtet, tex, out, progress, *((state["step"], state) if state else (0, None)))
+    return dmtet, tex
+
+
+def use_guidance(prior, scale):
+    """Stage 2 distils at CFG 100 (SDS), stage 3 at 7.5 (VSD): set it on priors that have one."""
+    if hasattr(prior, "guidance"):
+        prior.guidance = scale
+
+
+# -----------------------------------------------------------------------------
+# 10. Export: a textured mesh as OBJ (+MTL +PNG) and binary glTF (.glb)
+#
+# Export a textured triangle mesh as OBJ (+MTL +PNG) or as a binary glTF (.glb).
+#
+# Pipeline:  uv = uv_atlas(F, S)  ->  image = bake_texture(..., uv, color_fn, S)
+#            ->  write_obj(folder, ...)  and/or  write_glb(path, ...)
+#
+# Conventions
+# - Input mesh: world is Z-up; faces wind counter-clockwise seen from outside,
+#   so cross(v1 - v0, v2 - v0) points out of the surface.
+# - `uv` uses the *image* convention: (0, 0) is the top-left texel corner and v
+#   grows downward. glTF uses exactly this; OBJ puts (0, 0) at the bottom-left,
+#   so write_obj stores v' = 1 - v.
+# - Both files are Y-up, the convention of glTF, three.js and Blender's default
+#   OBJ import (forward -Z, up Y). Positions and normals go through
+#   (x, y, z) -> (x, z, -y): a rotation (determinant +1), so windings and
+#   outward normals survive, and the importer's Y-up -> Z-up conversion
+#   reproduces our original coordinates.
+# - Colours are stored as-is: the colour field is trained against sRGB images,
+#   and both formats read colour textures as sRGB.
+# --------------------------------------------------------------------- atlas
+#
+# Faces 2k and 2k+1 share square cell k of an n x n grid
+# (n = ceil(sqrt(ceil(F / 2)))), at row k // n and column k % n. A cell is
+# `cell = S / n` texels wide (S = texture size; not necessarily an integer).
+# In cell-local texel coordinates (s right, t down), with margin m and leg
+# length L = cell - 4m:
+#
+#     (0,0) +-------------------+
+#           |  a-----b       c' |    face 2k   (lower): a=(m, m)   b=(m+L, m)   c=(m, m+L)
+#           |  |   /       / |  |    face 2k+1 (upper): a', b', c' = the lower corners
+#           |  |  /       /  |  |                       turned 180 degrees about the
+#           |  | /       /   |  |                       cell centre: p -> (cell, cell) - p
+#           |  c       b'----a' |
+#           +-------------------+ (cell, cell)
+#
+# Why m = 1 texel suffices: a bilinear lookup at a point reads the texels whose
+# centres lie less than one texel away along each axis. Every triangle is m
+# texels from its cell's border, and the two hypotenuses (s + t = cell - 2m and
+# s + t = cell + 2m) are 2m apart in s + t, so all texels read around a point
+# of a triangle lie in its cell and on its side of the diagonal s + t = cell,
+# i.e. texels that bake_texture fills from that same triangle. (Mipmaps would
+# average wider footprints; the GLB sampler turns them off.)
+
+MARGIN = 1.0  # texels; see above
+_CHUNK = 65536  # surface points per color_fn call (bounds memory)
+
+
+def _grid(faces_count, texture_size):
+    """Cells per side and texels per cell of the pair-in-cell atlas."""
+    n = max(1, math.ceil(math.sqrt(math.ceil(faces_count / 2))))
+    cell = texture_size / n
+    if cell - 4 * MARGIN < 1:  # legs shorter than one texel: the texture is too small
+        need = math.ceil(n * (4 * MARGIN + 1))
+        raise ValueError(f"{faces_count} faces need a texture of at least {need} texels")
+    return n, cell
+
+
+def uv_atlas(faces_count, texture_size):
+    """Per-corner UVs (F, 3, 2) in [0, 1], image convention (origin top-left).
+
+    Layout: see the diagram above. Corner i of face f gets uv[f, i].
+    """
+    n, cell = _grid(faces_count, texture_size)
+    m, leg = MARGIN, cell - 4 * MARGIN
+    lower = torch.tensor([[m, m], [m + leg, m], [m, m + leg]], dtype=torch.float64)
+    upper = cell - lower
+    f = torch.arange(faces_count)
+    k = f // 2
+    origin = torch.stack([k % n, k // n], -1).double() * cell  # top-left of each cell
+    local = torch.where((f % 2 == 0)[:, None, None], lower, upper)
+    return ((origin[:, None, :] + local) / texture_size).float()
+
+
+# ---------------------------------------------------------------------- bake
+
+
+def _barycentric(p, tri):
+    """Barycentric weights (N, 3) of 2D points p (N, 2) in triangles tri (N, 3, 2)."""
+    a, b, c = tri.unbind(1)
+    e1, e2, d = b - a, c - a, p - a
+    det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
+    wb = (d[:, 0] * e2[:, 1] - e2[:, 0] * d[:, 1]) / det
+    wc = (e1[:, 0] * d[:, 1] - d[:, 0] * e1[:, 1]) / det
+    return torch.stack([1 - wb - wc, wb, wc], -1)
+
+
+@torch.no_grad()
+def bake_texture(vertices, faces, uv, color_fn, texture_size=1024):
+    """Bake color_fn over the surface into an (S, S, 3) uint8 texture.
+
+    `uv` must be uv_atlas(len(faces), texture_size): each texel centre finds its
+    face arithmetically (cell, then which side of the cell diagonal), then its
+    barycentrics from that face's UVs. Gutter texels (outside the triangle but in
+    its half-cell) get clamped barycentrics, i.e. a colour from the triangle's
+    border, so filtering near edges never reads black. Texels of unused cells
+    stay black. color_fn maps points (N, 3) to colours (N, 3) in [0, 1].
+    """
+    device, faces_count = vertices.device, faces.shape[0]
+    n, cell = _grid(faces_count, texture_size)
+    ys, xs = torch.meshgrid(
+        torch.arange(texture_size, device=device), torch.arange(texture_size, device=device), indexing="ij"
+    )
+    centre = torch.stack([xs, ys], -1).reshape(-1, 2).double() + 0.5  # texel centres, in texels
+    col_row = (centre / cell).floor().clamp(max=n - 1)
+    upper = (centre - col_row * cell).sum(-1) > cell
+    face = 2 * (col_row[:, 1] * n + col_row[:, 0]).long() + upper
+    texels = (face < faces_count).nonzero()[:, 0]
+
+    faces, uv = faces.to(device), uv.to(device).double()
+    image = torch.zeros(texture_size**2, 3, dtype=torch.uint8)
+    for idx in texels.split(_CHUNK):
+        f = face[idx]
+        w = _barycentric(centre[idx] / texture_size, uv[f]).clamp(min=0)
+        w = w / w.sum(-1, keepdim=True)
+        corners = vertices[faces[f]]  # (N, 3, 3)
+        points = (w.to(corners.dtype)[..., None] * corners).sum(1)
+        colors = color_fn(points).float().clamp(0, 1)
+        image[idx.cpu()] = (colors * 255).round().to(torch.uint8).cpu()
+    return image.reshape(texture_size, texture_size, 3).numpy()
+
+
+# ------------------------------------------------------------ shared helpers
+
+
+def _np(x, dtype):
+    """Tensor or array -> numpy array of dtype."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _y_up(a):
+    """Z-up -> Y-up: (x, y, z) -> (x, z, -y)."""
+    return np.stack([a[:, 0], a[:, 2], -a[:, 1]], 1)
+
+
+def _vertex_normals(v, f):
+    """Area-weighted unit vertex normals, outward for counter-clockwise faces."""
+    face_n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])  # length = 2 * area
+    n = np.zeros_like(v)
+    for i in range(3):
+        np.add.at(n, f[:, i], face_n)
+    length = np.linalg.norm(n, axis=1, keepdims=True)
+    n = n / np.maximum(length, 1e-20)
+    n[length[:, 0] < 1e-20] = (0, 0, 1)  # isolated or degenerate vertex: any unit vector
+    return n
+
+
+def _png_bytes(texture_image):
+    image = _np(texture_image, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------- OBJ
+
+_MTL = """\
+# Colour comes only from the texture: white diffuse, no specular,
+# not metallic (Ka / Pm), fully rough (Ns / Pr).
+newmtl material0
+Ka 0 0 0
+Kd 1 1 1
+Ks 0 0 0
+Ns 0
+Pm 0
+Pr 1
+d 1
+illum 1
+map_Kd texture.png
+"""
+
+
+def write_obj(path_prefix_dir, vertices, faces, uv, texture_image, name="mesh"):
+    """Write {name}.obj, {name}.mtl and texture.png into folder path_prefix_dir.
+
+    Y-up (see module docstring), 1-based indices, one 'vt' per face corner
+    (the corner-th 'vt' of face i is number 3i + corner + 1), one 'vn' per vertex.
+    """
+    folder = Path(path_prefix_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    v, f, uv = _np(vertices, np.float64), _np(faces, np.int64), _np(uv, np.float64)
+    vt = uv.reshape(-1, 2) * (1, -1) + (0, 1)  # OBJ's v axis points up
+    vt_index = np.arange(3 * len(f)).reshape(-1, 3) + 1
+
+    lines = [f"mtllib {name}.mtl", f"o {name}"]
+    lines += [f"v {x:.7g} {y:.7g} {z:.7g}" for x, y, z in _y_up(v)]
+    lines += [f"vt {s:.7f} {t:.7f}" for s, t in vt]
+    lines += [f"vn {x:.6f} {y:.6f} {z:.6f}" for x, y, z in _y_up(_vertex_normals(v, f))]
+    lines.append("usemtl material0")
+    lines += ["f " + " ".join(f"{a}/{t}/{a}" for a, t in zip(face + 1, tex)) for face, tex in zip(f, vt_index)]
+
+    (folder / f"{name}.obj").write_text("\n".join(lines) + "\n")
+    (folder / f"{name}.mtl").write_text(_MTL)
+    (folder / "texture.png").write_bytes(_png_bytes(texture_image))
+
+
+# ----------------------------------------------------------------------- GLB
+# glTF 2.0 constants
+_FLOAT, _UINT32 = 5126, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_LINEAR, _CLAMP_TO_EDGE = 9729, 33071
+
+
+def _pad4(data, fill):
+    """glTF aligns every chunk and bufferView to 4 bytes."""
+    return data + fill * (-len(data) % 4)
+
+
+def write_glb(path, vertices, faces, uv, texture_image):
+    """Write a binary glTF 2.0 file: one mesh, one textured PBR material, Y-up."""
+    v, f, uv = _np(vertices, np.float64), _np(faces, np.int64), _np(uv, np.float32)
+    # A glTF vertex has exactly one UV, and every face corner has its own UV,
+    # so each corner becomes its own vertex (3 per face).
+    corners = f.reshape(-1)
+    position = _y_up(v)[corners].astype(np.float32)
+    normal = _y_up(_vertex_normals(v, f))[corners].astype(np.float32)
+    texcoord = uv.reshape(-1, 2)  # glTF's UV origin is top-left, like ours
+    index = np.arange(len(corners), dtype=np.uint32)
+
+    blobs = [position.tobytes(), normal.tobytes(), texcoord.tobytes(), index.tobytes(), _png_bytes(texture_image)]
+    targets = [_ARRAY_BUFFER] * 3 + [_ELEMENT_ARRAY_BUFFER, None]  # the image is no vertex data
+    binary, views = b"", []
+    for blob, target in zip(blobs, targets):
+        view = {"buffer": 0, "byteOffset": len(binary), "byteLength": len(blob)}
+        if target is not None:
+            view["target"] = target
+        views.append(view)
+        binary += _pad4(blob, b"\0")
+
+    count = len(corners)
+    gltf = {
+        "asset": {"version": "2.0", "generator": "prolific.py"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0}],
+        "meshes": [
+            {
+                "primitives": [
+                    {
+                        "attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2},
+                        "indices": 3,
+                        "material": 0,
+                        "mode": 4,  # triangles
+                    }
+                ]
+            }
+        ],
+        "accessors": [
+            # the spec requires min/max on POSITION (used for bounding boxes)
+            {
+                "bufferView": 0, "componentType": _FLOAT, "count": count, "type": "VEC3",
+                "min": position.min(0).tolist(), "max": position.max(0).tolist(),
+            },
+            {"bufferView": 1, "componentType": _FLOAT, "count": count, "type": "VEC3"},
+            {"bufferView": 2, "componentType": _FLOAT, "count": count, "type": "VEC2"},
+            {"bufferView": 3, "componentType": _UINT32, "count": count, "type": "SCALAR"},
+        ],
+        "bufferViews": views,
+        "buffers": [{"byteLength": len(binary)}],
+        "materials": [
+            {
+                "pbrMetallicRoughness": {
+                    "baseColorTexture": {"index": 0},
+                    "metallicFactor": 0.0,
+                    "roughnessFactor": 1.0,
+                }
+            }
+        ],
+        "textures": [{"sampler": 0, "source": 0}],
+        "images": [{"bufferView": 4, "mimeType": "image/png"}],
+        # plain bilinear, no mipmaps: mipmaps would blend neighbouring atlas cells
+        "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR, "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}],
+    }
+    json_chunk = _pad4(json.dumps(gltf, separators=(",", ":")).encode(), b" ")
+    body = struct.pack("<I4s", len(json_chunk), b"JSON") + json_chunk
+    body += struct.pack("<I4s", len(binary), b"BIN\0") + binary
+    Path(path).write_bytes(struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body)
 
 
 # -----------------------------------------------------------------------------
@@ -1025,19 +1875,28 @@ def save_scatter(panels, path, means, size=320, lim=3.0):
 def run_2d(cfg, out, device):
     """The paper's 2D experiment (Fig. 3, App. G): particles are SD latents, g(theta) = theta.
     VSD trains a LoRA eps_phi at CFG 7.5, SDS uses CFG 100; ancestral is DPM-Solver++ for comparison.
-    Each step updates a random batch of up to batch_2d particles, then takes one eps_phi step on them."""
+    Each step updates a random batch of up to batch_2d particles, then takes one eps_phi step on them.
+    Under torchrun each rank does so with its own particles: a step moves N batches, and eps_phi's step
+    averages over all of them."""
+    rank = world()[0]
     torch.manual_seed(cfg.seed)
     prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
-    announce(cfg, device, prior)
-    n, size = cfg.particles, prior.unet.config.sample_size
+    if rank == 0:
+        announce(cfg, device, prior)
+    n, size = len(my_particles(cfg)), prior.unet.config.sample_size  # this rank's n
+    eps_phi, opt_phi = None, None
+    if cfg.method == "vsd":
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, (n, 4, size, size), device)
+        broadcast_params(eps_phi)                                 # one eps_phi on all ranks
+    torch.manual_seed(cfg.seed + 1000 * rank)                     # this rank's own random stream
     if cfg.method == "ancestral":
-        latents = ancestral_sample(prior, n, size, device)
-        save_grid(prior.decode(latents), os.path.join(out, "particles.png"))
+        latents = gather_cat(ancestral_sample(prior, n, size, device))
+        if rank == 0:
+            save_grid(prior.decode(latents), os.path.join(out, "particles.png"))
         return
     theta = torch.randn(n, 4, size, size, device=device).requires_grad_(True)  # (n, 4, h, w) SD latents
     opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
-    eps_phi, opt_phi = make_eps_phi(prior, cfg, theta.shape, device) if cfg.method == "vsd" else (None, None)
-    bar = progress_bar(range(cfg.steps_2d), True, desc=f"2D {cfg.method}")
+    bar = progress_bar(range(cfg.steps_2d), rank == 0, desc=f"2D {cfg.method}")
     for step in bar:
         idx = torch.randperm(n, device=device)[:cfg.batch_2d]
         x0 = theta[idx]                                           # (b, 4, h, w)
@@ -1051,13 +1910,18 @@ def run_2d(cfg, out, device):
             loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
             opt_phi.zero_grad()
             loss_phi.backward()
+            all_reduce_grads(eps_phi)                             # mean over the ranks
             opt_phi.step()
-        bar.set_postfix(loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
+        bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
         if (step + 1) % cfg.preview_every == 0:
-            save_grid(prior.decode(theta.detach()[:16]), os.path.join(out, f"preview_{step + 1:06d}.png"))
+            preview = gather_cat(theta.detach()[:16])[:16]
+            if rank == 0:
+                save_grid(prior.decode(preview), os.path.join(out, f"preview_{step + 1:06d}.png"))
             log(out, f"step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
-    save_grid(prior.decode(theta.detach()), os.path.join(out, "particles.png"))
-    torch.save(theta.detach().cpu(), os.path.join(out, "particles.pt"))
+    theta = gather_cat(theta.detach())                            # (P, 4, h, w): every rank's particles
+    if rank == 0:
+        save_grid(prior.decode(theta), os.path.join(out, "particles.png"))
+        torch.save(theta.cpu(), os.path.join(out, "particles.pt"))
 
 
 @torch.no_grad()
@@ -1068,7 +1932,7 @@ def ancestral_sample(prior, n, size, device, steps=50):
                                         algorithm_type="dpmsolver++")
     sched.set_timesteps(steps, device=device)
     latents = torch.randn(n, 4, size, size, device=device)
-    for t in progress_bar(sched.timesteps, True, desc="DPM-Solver++"):
+    for t in progress_bar(sched.timesteps, world()[0] == 0, desc="DPM-Solver++"):
         eps = prior.predict_noise(latents, t.expand(n).to(device), None)
         latents = sched.step(eps, t, latents).prev_sample
     return latents
@@ -1105,6 +1969,8 @@ def progress_bar(iterable, show, desc="", **kw):
 
 
 def log(out, line):
+    if world()[0] != 0:  # under torchrun rank 0 keeps the log
+        return
     with open(os.path.join(out, "log.txt"), "a") as f:
         f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
@@ -1121,7 +1987,12 @@ def slug(text):
 
 
 def make_run_folder(out, name):
-    """The run folder: --out, or outputs/<name>-<time>/. Never reuses a folder that has files in it."""
+    """The run folder: --out, or outputs/<name>-<time>/. Never reuses a folder that has files in it.
+    Under torchrun rank 0 makes it and tells the other ranks its name."""
+    return on_rank0(new_run_folder, out, name)
+
+
+def new_run_folder(out, name):
     out = out or os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"output folder {out} already has files; refusing to overwrite (choose another --out)")
@@ -1164,6 +2035,9 @@ def parse_args(argv):
     p.add_argument("--particles", type=positive(int), default=None, help="n particles (default 1; 8 with --2d)")
     p.add_argument("--steps", type=positive(int), default=None, help="optimisation steps (default: the mode's)")
     p.add_argument("--resolution", type=positive(int), default=Config.resolution, help="final render size")
+    p.add_argument("--geometry-steps", type=positive(int), default=Config.geometry_steps, help="stage 2 steps")
+    p.add_argument("--texture-steps", type=positive(int), default=Config.texture_steps, help="stage 3 steps")
+    p.add_argument("--tet-resolution", type=positive(int), default=Config.tet_resolution, help="DMTet grid size")
     p.add_argument("--init", choices=["object", "scene", "scene+object"], default=Config.init)
     p.add_argument("--model", default=Config.model,
                    help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download)')
@@ -1185,7 +2059,8 @@ def parse_args(argv):
 def config_from_args(args):
     cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt, method=args.method,
                  seed=args.seed, model=args.model, lora_model=args.lora_model, resolution=args.resolution,
-                 init=args.init, save_every=args.save_every, preview_every=args.preview_every)
+                 init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh,
+                 geometry_steps=args.geometry_steps, texture_steps=args.texture_steps, tet_resolution=args.tet_resolution)
     if args.particles:
         cfg.particles = args.particles
     elif args.two_d:
@@ -1200,12 +2075,16 @@ def config_from_args(args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     signal.signal(signal.SIGTERM, interrupt)  # a kill saves a checkpoint like Ctrl-C does
     try:
+        check_split(args, cfg)
+        device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
             out = args.resume
             cfg = load_config(out)
+            if args.mesh and not cfg.mesh:  # --mesh --resume: add the mesh stages to a stage-1 run
+                cfg.mesh = True
+                save_config(cfg, out)
             run_nerf(cfg, out, device, resume=True)
         elif args.toy:
             out = make_run_folder(args.out, "toy")
@@ -1214,13 +2093,15 @@ def main(argv=None):
             out = make_run_folder(args.out, slug(cfg.prompt) + "-2d")
             save_config(cfg, out)
             run_2d(cfg, out, device)
-            print(f"wrote {os.path.join(out, 'particles.png')}")
+            if world()[0] == 0:
+                print(f"wrote {os.path.join(out, 'particles.png')}")
         else:
             out = make_run_folder(args.out, slug(cfg.prompt))
             save_config(cfg, out)
             run_nerf(cfg, out, device)
     except UserError as e:
-        print(f"prolific.py: error: {e}", file=sys.stderr)
+        if world()[0] == 0:  # under torchrun every rank meets the same error: say it once
+            print(f"prolific.py: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"prolific.py: stopped: {e}", file=sys.stderr)
@@ -1233,6 +2114,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():  # leave the process group, so that no rank waits for this one forever
+            dist.destroy_process_group()
     return 0
 
 
@@ -1240,12 +2124,63 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def run_mesh(cfg, out, prior, particles):
+    """Stages 2-3 for every particle, each in its own folder, then export and turntables."""
+    for k, nerf in enumerate(particles):
+        folder = os.path.join(out, f"particle{k}")
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(os.path.join(folder, "mesh.glb")):
+            continue  # finished before an interruption
+        dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=True)
+        export_mesh(dmtet, tex, cfg, folder)
+        print(f"wrote {folder}/mesh.obj, mesh.glb, texture.png and the mesh turntables")
+
+
+@torch.no_grad()
+def export_mesh(dmtet, tex, cfg, folder):
+    """mesh.obj + mesh.mtl + texture.png, mesh.glb, and turntables of the normal map and textured mesh."""
+    vertices, faces = dmtet()
+    size = texture_size_for(len(faces), cfg.texture_size)
+    uv = uv_atlas(len(faces), size)
+    image = bake_texture(vertices, faces, uv.to(vertices.device), tex, size)
+    write_obj(folder, vertices, faces, uv, image)
+    write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)
+    res = min(cfg.resolution, 256)
+    cams = turntable_cameras(36, cfg, vertices.device)
+    white = torch.ones(1, 3, device=vertices.device)
+    normals, colours = [], []
+    for k in range(len(cams)):
+        r = render_mesh(vertices, faces, cams[k], res, res)
+        normals.append(to_pil(normal_image(r, white)[0]))
+        colours.append(to_pil(texture_image(tex, r, white)[0]))
+    save_animation(normals, os.path.join(folder, "normal_turntable"))
+    save_animation(colours, os.path.join(folder, "mesh_turntable"))
+
+
+def texture_size_for(n_faces, minimum):
+    """The smallest power of two >= minimum whose atlas cells are big enough for n_faces triangles."""
+    size = minimum
+    while math.ceil(math.sqrt(math.ceil(n_faces / 2))) * (4 * MARGIN + 2) > size:
+        size *= 2
+    return size
+
+
+def to_pil(image):  # (3, H, W) in [0,1] -> PIL image
+    arr = (image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
 def run_nerf(cfg, out, device, resume=False):
     """Stage 1 from the command line: load SD, train, write turntables."""
     prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
-    announce(cfg, device, prior)
-    train_nerf(prior, cfg, out, resume=resume, progress=True)
-    print(f"wrote {out}: particle*/turntable, previews/, checkpoint.pt, log.txt")
+    rank0 = world()[0] == 0
+    if rank0:
+        announce(cfg, device, prior)
+    particles = train_nerf(prior, cfg, out, resume=resume, progress=True)
+    if rank0:
+        print(f"wrote {out}: particle*/turntable, previews/, checkpoint.pt, log.txt")
+    if cfg.mesh:
+        run_mesh(cfg, out, prior, particles)
 
 
 def load_config(out):
@@ -1259,7 +2194,8 @@ def load_config(out):
 
 
 def save_config(cfg, out):
-    write_json_atomic(asdict(cfg), os.path.join(out, "config.json"))
+    if world()[0] == 0:  # under torchrun rank 0 writes it
+        write_json_atomic(asdict(cfg), os.path.join(out, "config.json"))
 
 
 def write_json_atomic(obj, path):
