@@ -1,18 +1,27 @@
 """Tests for prolific.py and its two stage files. CPU only, no network, no model download:
 the math is checked on analytic priors whose exact answer is known, the Stable Diffusion code path on a
 tiny random SD built from configs (DESIGN.md, "Testing")."""
+import io
+import itertools
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never call the hub in tests
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import prolific as P  # noqa: E402
+from hashgrid import HashGrid  # noqa: E402
+from marching_tets import DMTet, marching_tets, tet_grid  # noqa: E402
 
 
 def run_cli(*args, timeout=600):
@@ -108,3 +117,786 @@ def test_theorem2_vsd_reproduces_mixture_sds_collapses():
     stats = P.mode_stats(means, sds)
     assert max(w for w, _, _ in stats) > 0.9            # (nearly) every particle in one place
     assert (sds - sds.mean(0)).pow(2).mean().sqrt() < 0.4 * std
+
+
+# -----------------------------------------------------------------------------
+# The hash grid (hashgrid.py) against a slow, obviously-correct reference
+
+
+# Small config: T = 2**9 rows per level, so levels 0-1 (res 4, 7: 64 and 343
+# rows) are dense and levels 2-3 (res 11, 16) are hashed.
+HASHGRID_SMALL = dict(n_levels=4, n_features=2, log2_table_size=9, base_resolution=4, max_resolution=16)
+
+
+def hashgrid_reference(x, tables, base_resolution, max_resolution, log2_table_size):
+    """Straight from the tcnn rules: per level, per corner, plain table[idx] and an explicit trilinear weight."""
+    n_levels = len(tables)
+    growth = math.exp((math.log(max_resolution) - math.log(base_resolution)) / (n_levels - 1))
+    T = 2**log2_table_size
+    out = []
+    for level, table in enumerate(tables):
+        scale = base_resolution * growth**level - 1
+        res = math.ceil(round(scale, 6)) + 1
+        pos = x * scale + 0.5
+        cell = pos.floor().long()
+        frac = pos - pos.floor()
+        level_out = torch.zeros(x.shape[0], table.shape[1])
+        for dx, dy, dz in itertools.product((0, 1), repeat=3):
+            cx, cy, cz = cell[:, 0] + dx, cell[:, 1] + dy, cell[:, 2] + dz
+            if res**3 <= T:
+                idx = (cx + cy * res + cz * res * res) % res**3  # wraps the x = 1 edge
+            else:
+                h = (cx * 1) ^ (cy * 2654435761) ^ (cz * 805459861)
+                idx = (h & 0xFFFFFFFF) % T
+            wx = frac[:, 0] if dx else 1 - frac[:, 0]
+            wy = frac[:, 1] if dy else 1 - frac[:, 1]
+            wz = frac[:, 2] if dz else 1 - frac[:, 2]
+            level_out = level_out + (wx * wy * wz).unsqueeze(-1) * table[idx]
+        out.append(level_out)
+    return torch.cat(out, dim=-1)
+
+
+def _hashgrid_points(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, generator=g)
+    corners = torch.tensor(list(itertools.product((0.0, 1.0), repeat=3)))  # the 8 cube corners
+    edges = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, 0.3], [0.25, 1.0, 0.0]])
+    return torch.cat([x, corners, edges])
+
+
+def _hashgrid_small(seed=0, n_features=2):
+    torch.manual_seed(seed)
+    grid = HashGrid(**{**HASHGRID_SMALL, "n_features": n_features})
+    with torch.no_grad():  # larger than the 1e-4 init so differences are visible
+        for table in grid.tables:
+            table.uniform_(-1, 1)
+    return grid
+
+
+def test_hashgrid_small_config_has_dense_and_hashed_levels():
+    grid = _hashgrid_small()
+    assert grid.dense == [True, True, False, False]
+    assert grid.resolutions == [4, 7, 11, 16]
+    assert [t.shape[0] for t in grid.tables] == [64, 343, 512, 512]
+
+
+# n_features == 2 takes the float64-view gather, others the plain row gather.
+@pytest.mark.parametrize("n_features", [2, 4])
+def test_hashgrid_forward_matches_reference(n_features):
+    grid = _hashgrid_small(n_features=n_features)
+    x = _hashgrid_points()
+    ref = hashgrid_reference(x, list(grid.tables), 4, 16, 9)
+    out = grid(x)
+    assert out.shape == (x.shape[0], 4 * n_features) and out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_features", [2, 4])
+def test_hashgrid_table_gradients_match_reference(n_features):
+    grid = _hashgrid_small(n_features=n_features)
+    x = _hashgrid_points(seed=1)
+    upstream = torch.randn(x.shape[0], grid.out_dim)
+    (grid(x) * upstream).sum().backward()
+    ours = [t.grad.clone() for t in grid.tables]
+
+    tables = [t.detach().clone().requires_grad_() for t in grid.tables]
+    (hashgrid_reference(x, tables, 4, 16, 9) * upstream).sum().backward()
+    for level, (g, t) in enumerate(zip(ours, tables)):
+        assert torch.allclose(g, t.grad, atol=1e-5, rtol=1e-5), level
+
+
+def test_hashgrid_default_resolutions_and_shape():
+    grid = HashGrid()
+    assert grid.resolutions[0] == 16 and grid.resolutions[-1] == 2048
+    growth = math.exp(math.log(2048 / 16) / 15)
+    assert grid.resolutions == [math.ceil(round(16 * growth**level - 1, 6)) + 1 for level in range(16)]
+    assert all(t.shape[0] == min(2**19, r**3) for t, r in zip(grid.tables, grid.resolutions))
+    assert grid.out_dim == 32
+    out = grid(torch.rand(50, 3))
+    assert out.shape == (50, 32) and out.dtype == torch.float32
+
+
+def test_hashgrid_dense_level_has_no_collisions():
+    grid = HashGrid(**HASHGRID_SMALL)
+    offsets = torch.tensor(list(itertools.product((0, 1), repeat=3))).flip(-1)  # (8, 3) (dx, dy, dz) of corner k
+    for level in (0, 1):
+        assert grid.dense[level]
+        res = grid.resolutions[level]
+        # One point inside every cell, away from the +0.5 wrap-around edge, so
+        # the corners visited are exactly the res^3 lattice points.
+        cells = torch.tensor(list(itertools.product(range(res - 1), repeat=3)), dtype=torch.float32)
+        x = (cells + 0.25) / grid.scales[level]  # pos = cell + 0.75 -> floor(pos) == cell
+        rows = grid._corners(x.t().contiguous(), level)[0].t()  # (N, 8)
+        lattice = cells.long().unsqueeze(1) + offsets  # (N, 8, 3)
+        row_of = {}
+        for point, row in zip(lattice.reshape(-1, 3).tolist(), rows.reshape(-1).tolist()):
+            assert row_of.setdefault(tuple(point), row) == row  # same lattice point -> same row
+        assert len(row_of) == res**3
+        assert sorted(row_of.values()) == list(range(res**3))  # distinct points -> distinct rows
+
+
+def test_hashgrid_weights_sum_to_one():
+    grid = _hashgrid_small()
+    x = _hashgrid_points()
+    for level in range(grid.n_levels):
+        _, w = grid._corners(x.t().contiguous(), level)  # (8, N)
+        assert torch.allclose(w.sum(0), torch.ones(x.shape[0]))
+
+
+def test_hashgrid_trains_with_adamw():
+    torch.manual_seed(0)
+    grid = HashGrid(**HASHGRID_SMALL)  # default init near 0, as in training
+    x = _hashgrid_points()
+    target = torch.randn(x.shape[0], grid.out_dim) * 0.1
+    opt = torch.optim.AdamW(grid.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (grid(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]  # ~0.47 in practice: collisions keep it from reaching 0
+
+
+def test_hashgrid_state_dict_round_trip_and_no_input_grad():
+    a, b = _hashgrid_small(0), HashGrid(**HASHGRID_SMALL)
+    b.load_state_dict(a.state_dict())
+    x = _hashgrid_points().requires_grad_()
+    out = b(x)
+    assert torch.equal(out, a(x))
+    assert torch.autograd.grad(out.sum(), x, allow_unused=True)[0] is None  # tables only
+
+
+# -----------------------------------------------------------------------------
+# Marching tetrahedra and DMTet (marching_tets.py) on analytic sphere and torus SDFs
+
+
+def sphere(p, radius=0.6):
+    return p.norm(dim=-1) - radius
+
+
+def torus(p, R=0.6, r=0.25):
+    ring = torch.stack([p[:, :2].norm(dim=-1) - R, p[:, 2]], -1)         # distance to the ring in its plane
+    return ring.norm(dim=-1) - r
+
+
+def ball_density(p):
+    """The paper's object density init, 10 (1 - |x| / 0.5), clipped at 0."""
+    return 10 * (1 - p.norm(dim=-1) / 0.5).clamp(min=0)
+
+
+def signed_volume(vertices, faces):
+    """Divergence theorem: sum over faces of det(p0, p1, p2) / 6; positive iff faces point outward."""
+    return torch.linalg.det(vertices[faces].double()).sum().item() / 6
+
+
+def edge_counts(faces):
+    """(number of undirected edges, how often each undirected edge is used, how often each directed one is)."""
+    directed = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])   # (3F, 2)
+    n = int(faces.max()) + 1
+    undirected = directed.amin(1) * n + directed.amax(1)
+    _, undirected_counts = torch.unique(undirected, return_counts=True)
+    _, directed_counts = torch.unique(directed[:, 0] * n + directed[:, 1], return_counts=True)
+    return len(undirected_counts), undirected_counts, directed_counts
+
+
+def assert_closed_oriented(vertices, faces):
+    """Watertight 2-manifold with consistent winding: each edge in exactly two faces, once each way."""
+    _, undirected_counts, directed_counts = edge_counts(faces)
+    assert (undirected_counts == 2).all()
+    assert (directed_counts == 1).all()
+    assert torch.equal(torch.unique(faces), torch.arange(len(vertices)))   # no unused vertices
+
+
+def euler_characteristic(vertices, faces):
+    n_edges, _, _ = edge_counts(faces)
+    return len(vertices) - n_edges + len(faces)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tet_grid
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("res", [1, 2, 5])
+def test_tets_grid_counts_and_volume(res):
+    vertices, tets = tet_grid(res)
+    assert vertices.shape == ((res + 1) ** 3, 3) and vertices.dtype == torch.float32
+    assert tets.shape == (6 * res ** 3, 4) and tets.dtype == torch.long
+    assert vertices.min() == -1 and vertices.max() == 1
+    p = vertices[tets].double()
+    volume = torch.linalg.det(p[:, 1:] - p[:, :1]) / 6
+    assert torch.allclose(volume, torch.full_like(volume, (2 / res) ** 3 / 6))   # all equal and positive
+    assert volume.sum().item() == pytest.approx(8.0)
+
+
+def test_tets_grid_is_conforming():
+    """Neighbouring cubes' faces match: each inner triangle is shared by 2 tets, each outer one bounds 1."""
+    res = 3
+    _, tets = tet_grid(res)
+    triangles = torch.cat([tets[:, [0, 1, 2]], tets[:, [0, 1, 3]], tets[:, [0, 2, 3]], tets[:, [1, 2, 3]]])
+    _, counts = torch.unique(triangles.sort(1).values, dim=0, return_counts=True)
+    assert set(counts.tolist()) == {1, 2}
+    assert (counts == 1).sum() == 6 * 2 * res ** 2                        # 2 triangles per outer cube face
+
+
+# ---------------------------------------------------------------------------------------------------------
+# marching_tets
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tets_plane_is_exact_and_faces_point_outward():
+    """A linear sdf is reproduced exactly, and every face's normal points toward sdf > 0."""
+    vertices, tets = tet_grid(6)
+    normal = torch.tensor([0.3, -0.5, 0.8])
+    normal = normal / normal.norm()
+    mesh_vertices, faces = marching_tets(vertices, tets, vertices @ normal - 0.1)
+    assert len(faces) > 0
+    assert torch.allclose(mesh_vertices @ normal, torch.full((len(mesh_vertices),), 0.1), atol=1e-5)
+    p = mesh_vertices[faces]
+    face_normals = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    assert (face_normals @ normal > 0).all()
+
+
+@pytest.mark.parametrize("sdf_fn, euler, volume", [
+    (sphere, 2, 4 / 3 * math.pi * 0.6 ** 3),
+    (torus, 0, 2 * math.pi ** 2 * 0.6 * 0.25 ** 2),
+])
+def test_tets_closed_surfaces(sdf_fn, euler, volume):
+    res = 32
+    vertices, tets = tet_grid(res)
+    mesh_vertices, faces = marching_tets(vertices, tets, sdf_fn(vertices))
+    assert faces.dtype == torch.long and mesh_vertices.shape[1] == 3
+    assert_closed_oriented(mesh_vertices, faces)
+    assert euler_characteristic(mesh_vertices, faces) == euler
+    assert signed_volume(mesh_vertices, faces) == pytest.approx(volume, rel=0.03)   # > 0: outward
+    assert sdf_fn(mesh_vertices).abs().max() < 0.5 * 2 / res             # within half a cell of the surface
+
+
+def test_tets_sdf_exactly_zero_at_grid_vertices():
+    """sdf == 0 exactly at grid vertices counts as outside and still gives a closed surface."""
+    vertices, tets = tet_grid(10)
+    sdf = sphere(vertices, radius=0.6)
+    assert (sdf == 0).sum() == 6                                          # (+-0.6, 0, 0) and permutations
+    mesh_vertices, faces = marching_tets(vertices, tets, sdf)
+    assert_closed_oriented(mesh_vertices, faces)
+    assert euler_characteristic(mesh_vertices, faces) == 2
+
+
+def test_tets_any_corner_order_gives_the_same_outward_surface():
+    """marching_tets takes generic tets: listing each tet's corners in a random order changes nothing."""
+    vertices, tets = tet_grid(12)
+    sdf = torus(vertices)
+    shuffled = tets.gather(1, torch.rand(tets.shape, generator=torch.Generator().manual_seed(0)).argsort(1))
+    expected_vertices, expected_faces = marching_tets(vertices, tets, sdf)
+    mesh_vertices, faces = marching_tets(vertices, shuffled, sdf)
+    assert torch.equal(mesh_vertices, expected_vertices)
+    assert_closed_oriented(mesh_vertices, faces)
+    assert signed_volume(mesh_vertices, faces) == pytest.approx(signed_volume(expected_vertices, expected_faces))
+
+
+def test_tets_gradients_flow_to_sdf_and_vertices():
+    vertices, tets = tet_grid(8)
+    vertices.requires_grad_(True)
+    sdf = sphere(vertices.detach()).requires_grad_(True)
+    mesh_vertices, _ = marching_tets(vertices, tets, sdf)
+    mesh_vertices.sum().backward()
+    for grad in (vertices.grad, sdf.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_tets_gradcheck():
+    """The crossing formula's gradient matches finite differences (topology is fixed for small steps)."""
+    vertices, tets = tet_grid(2)
+    vertices = (vertices.double() + 0.05 * torch.randn(len(vertices), 3, generator=torch.Generator().manual_seed(0),
+                                                       dtype=torch.float64)).requires_grad_(True)
+    sdf = sphere(vertices.detach(), radius=0.7).requires_grad_(True)
+    assert sdf.abs().min() > 1e-3                                         # no sign flips under the probe steps
+    assert torch.autograd.gradcheck(lambda v, s: marching_tets(v, tets, s)[0], (vertices, sdf))
+
+
+@pytest.mark.parametrize("value", [1.0, -1.0])
+def test_tets_no_crossing_returns_empty(value):
+    vertices, tets = tet_grid(4)
+    mesh_vertices, faces = marching_tets(vertices, tets, torch.full((len(vertices),), value))
+    assert mesh_vertices.shape == (0, 3) and mesh_vertices.dtype == vertices.dtype
+    assert faces.shape == (0, 3) and faces.dtype == torch.long
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DMTet
+# ---------------------------------------------------------------------------------------------------------
+
+def test_dmtet_from_density_fits_box_around_ball():
+    threshold = 1.0                                                       # surface at |x| = 0.5 (1 - 1/10)
+    model = DMTet(24, density_fn=ball_density, bound=1.0, threshold=threshold)
+    assert model.centre.abs().max() < 1e-6
+    assert (model.scale >= 0.5).all() and (model.scale <= 0.7).all()
+    mesh_vertices, faces = model()
+    assert_closed_oriented(mesh_vertices, faces)
+    assert euler_characteristic(mesh_vertices, faces) == 2
+    radius = 0.5 * (1 - threshold / 10)
+    assert signed_volume(mesh_vertices, faces) == pytest.approx(4 / 3 * math.pi * radius ** 3, rel=0.05)
+
+
+def test_dmtet_density_reaching_the_bound_still_gives_a_closed_mesh():
+    """A NeRF's density often reaches the bound (here a slab filling z < 0); the grid's outer vertices start
+    outside, so the first mesh is closed rather than cut open by the box."""
+    model = DMTet(8, density_fn=lambda p: (-20 * p[:, 2]).clamp(min=0), threshold=1.0)
+    assert torch.allclose(model.scale[:2], torch.ones(2))               # x, y: the box is the whole bound
+    mesh_vertices, faces = model()
+    assert_closed_oriented(mesh_vertices, faces)
+    assert signed_volume(mesh_vertices, faces) > 0
+
+
+@pytest.mark.parametrize("density_fn, where", [
+    (lambda p: torch.zeros(len(p)), "density <= threshold"),
+    (lambda p: torch.full((len(p), 1), 100.0), "density > threshold"),      # (N, 1) is accepted too
+])
+def test_dmtet_density_without_surface_raises(density_fn, where):
+    with pytest.raises(ValueError, match=f"stage-1 density has no surface: {where}.* everywhere"):
+        DMTet(8, density_fn=density_fn, threshold=10.0)
+
+
+def test_dmtet_from_sdf_trains_sdf_and_deform():
+    model = DMTet.from_sdf(16, sphere)
+    vertices = model.vertices()
+    assert torch.allclose(model.sdf, sphere(vertices))
+    mesh_vertices, faces = model()
+    assert_closed_oriented(mesh_vertices, faces)
+    mesh_vertices.norm(dim=-1).sum().backward()
+    for grad in (model.sdf.grad, model.deform.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_dmtet_deformation_stays_within_half_a_cell():
+    res = 8
+    model = DMTet(res, bound=2.0)
+    with torch.no_grad():
+        model.deform.fill_(100.0)                                         # tanh saturates at 1
+    offset = model.vertices() - 2.0 * model.grid
+    assert offset.abs().max() <= 2.0 / res + 1e-6                         # half of a 2*bound/res cell
+
+
+def test_dmtet_state_dict_roundtrip():
+    """The box and the parameters are saved; the grid is rebuilt from the resolution."""
+    model = DMTet(12, density_fn=ball_density, threshold=1.0)
+    with torch.no_grad():
+        model.deform.normal_()
+    loaded = DMTet(12)
+    loaded.load_state_dict(model.state_dict())
+    for a, b in zip(model(), loaded()):
+        assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# The mesh rasteriser against the analytic projection of a sphere
+
+
+def icosphere(subdivisions, radius=1.0):
+    """Unit icosahedron subdivided `subdivisions` times (20 * 4**s faces), outward winding."""
+    t = (1 + 5 ** 0.5) / 2
+    verts = torch.tensor([[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t],
+                          [0, -1, -t], [0, 1, -t], [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]], dtype=torch.float64)
+    faces = torch.tensor([[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4],
+                          [11, 10, 2], [10, 7, 6], [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8],
+                          [3, 8, 9], [4, 9, 5], [2, 4, 11], [6, 2, 10], [8, 6, 7], [9, 8, 1]])
+    verts = verts / verts.norm(dim=-1, keepdim=True)
+    for _ in range(subdivisions):
+        # One new vertex per unique edge, shared by the two faces on either side.
+        edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values
+        unique, mid = torch.unique(edges, dim=0, return_inverse=True)
+        new = verts[unique].mean(1)
+        mid = mid.view(3, -1).T + len(verts)                         # (F,3): midpoints of edges 01, 12, 20
+        verts = torch.cat([verts, new / new.norm(dim=-1, keepdim=True)])
+        a, b, c = faces.T
+        ab, bc, ca = mid.T
+        faces = torch.cat([torch.stack(f, 1) for f in ([a, ab, ca], [ab, b, bc], [ca, bc, c], [ab, bc, ca])])
+    outward = (torch.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]], dim=-1)
+               * verts[faces].mean(1)).sum(-1) > 0
+    assert outward.all()
+    return (radius * verts).float(), faces
+
+
+def orbit(distance=3.0, elevation=20.0, azimuth=30.0, fovy=60.0):
+    one = torch.ones(1)
+    return P.Camera.orbit(elevation * one, azimuth * one, distance * one, fovy * one)
+
+
+def disk_area(radius, distance, camera, height):
+    """Pixel area of a sphere's projection: a disk of angular radius asin(r / d)."""
+    pixels = camera.focal(height)[0] * math.tan(math.asin(radius / distance))
+    return math.pi * float(pixels) ** 2
+
+
+def test_raster_sphere_coverage_matches_disk():
+    verts, faces = icosphere(4)
+    camera = orbit()
+    out = P.render_mesh(verts, faces, camera, 128, 128)
+    assert out["mask"].shape == (1, 1, 128, 128)
+    assert out["mask"].min() >= 0 and out["mask"].max() <= 1
+    area = disk_area(1.0, 3.0, camera, 128)
+    assert abs(out["mask"].sum().item() - area) < 0.02 * area
+    # The soft mask and the hard z-buffer agree about which pixels are covered.
+    assert torch.equal(out["mask"][:, 0] >= 0.5, out["face_id"] >= 0)
+
+
+def test_raster_normals_and_depth():
+    verts, faces = icosphere(4)
+    camera = orbit()
+    for smooth in (False, True):
+        out = P.render_mesh(verts, faces, camera, 64, 64, smooth_normals=smooth)
+        covered = out["face_id"] >= 0                                 # (1,64,64)
+        length = out["normal"].norm(dim=1)
+        assert torch.allclose(length[covered], torch.ones(()), atol=1e-4)
+        assert (out["normal"].abs().sum(1)[~covered] == 0).all()
+        assert (out["depth"][:, 0][~covered] == 0).all() and (out["position"].abs().sum(1)[~covered] == 0).all()
+        back = camera.c2w[0, :3, 2]                                   # camera +z: towards the viewer
+        centre = out["normal"][0, :, 31:33, 31:33].mean((1, 2))
+        assert torch.dot(centre, back) > 0.99
+        assert abs(out["depth"][0, 0, 31:33, 31:33].mean().item() - 2.0) < 0.01  # d - r
+        # Positions lie on the (slightly faceted) sphere and the perspective-correct barycentrics sum to 1.
+        radius = out["position"].norm(dim=1)[covered]
+        assert ((radius > 0.99) & (radius < 1.0001)).all()
+        assert torch.allclose(out["bary"].sum(1)[covered], torch.ones(()), atol=1e-5)
+        # Each position projects back onto its pixel centre (u = W/2 + f x / -z, v = H/2 - f y / -z).
+        cam = (out["position"][0].permute(1, 2, 0)[covered[0]] - camera.c2w[0, :3, 3]) @ camera.c2w[0, :3, :3]
+        focal = camera.focal(64)[0]
+        rows, cols = covered[0].nonzero().T
+        assert torch.allclose(32 + focal * cam[:, 0] / -cam[:, 2], cols + 0.5, atol=1e-3)
+        assert torch.allclose(32 - focal * cam[:, 1] / -cam[:, 2], rows + 0.5, atol=1e-3)
+        assert torch.allclose(-cam[:, 2], out["depth"][0, 0][covered[0]], atol=1e-5)
+
+
+def test_raster_normal_loss_gives_vertex_gradients():
+    verts, faces = icosphere(3)
+    verts.requires_grad_(True)
+    out = P.render_mesh(verts, faces, orbit(), 64, 64)
+    target = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    (out["normal"] * target).sum().backward()
+    assert torch.isfinite(verts.grad).all() and verts.grad.abs().sum() > 0
+
+
+def test_raster_mask_loss_gives_silhouette_gradients():
+    verts, faces = icosphere(4)
+    verts.requires_grad_(True)
+    camera = orbit()
+    out = P.render_mesh(verts, faces, camera, 128, 128)
+    out["mask"].sum().backward()
+    assert torch.isfinite(verts.grad).all() and verts.grad.abs().sum() > 0
+    # Growing the sphere by a factor (1 + eps) moves every vertex by eps * v, so the directional
+    # derivative grad . v must match the analytic r * dArea/dr of the projected disk.
+    slope = (verts.grad * verts.detach()).sum().item()
+    eps = 1e-4
+    expected = (disk_area(1 + eps, 3.0, camera, 128) - disk_area(1 - eps, 3.0, camera, 128)) / (2 * eps)
+    assert abs(slope - expected) < 0.15 * expected
+    # Only the outline moves the mask: vertices facing the camera get no gradient.
+    facing = verts.detach() @ camera.c2w[0, :3, 2] > 0.5
+    assert (verts.grad[facing] == 0).all()
+
+
+def test_raster_back_faces_are_culled():
+    camera = orbit(elevation=0.0, azimuth=0.0)                        # at +X, looking towards -X
+    towards = torch.tensor([[0.0, -1.0, -1.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]])  # counter-clockwise seen from +X
+    faces = torch.tensor([[0, 1, 2]])
+    seen = P.render_mesh(towards, faces, camera, 32, 32)
+    assert (seen["face_id"] == 0).any() and seen["mask"].sum() > 10
+    assert (seen["normal"][0, :, 16, 16] - torch.tensor([1.0, 0.0, 0.0])).abs().max() < 1e-5
+    hidden = P.render_mesh(towards, faces.flip(1), camera, 32, 32)      # same triangle, seen from behind
+    assert (hidden["face_id"] == -1).all() and hidden["mask"].sum() == 0
+
+
+def test_raster_batch_of_cameras_and_near_plane():
+    verts, faces = icosphere(2)
+    one = torch.ones(2)
+    cameras = P.Camera.orbit(torch.tensor([0.0, 60.0]), torch.tensor([0.0, 90.0]), torch.tensor([3.0, 0.5]), 60 * one)
+    out = P.render_mesh(verts, faces, cameras, 32, 32)
+    assert out["mask"].shape == (2, 1, 32, 32) and out["face_id"].shape == (2, 32, 32)
+    single = P.render_mesh(verts, faces, orbit(elevation=0.0, azimuth=0.0), 32, 32)
+    assert torch.allclose(out["mask"][:1], single["mask"], atol=1e-6)
+    # The second camera sits inside the sphere: it only sees back faces, which are culled.
+    assert out["mask"][1].sum() == 0
+
+
+def test_raster_occlusion_keeps_hidden_outlines_solid():
+    big, big_faces = icosphere(3)
+    small, small_faces = icosphere(3, radius=0.3)
+    small = small + torch.tensor([1.5, 0.0, 0.0])                     # between the camera and the big sphere
+    verts = torch.cat([big, small]).requires_grad_(True)
+    faces = torch.cat([big_faces, small_faces + len(big)])
+    camera = orbit(distance=4.0, elevation=0.0, azimuth=0.0)
+    out = P.render_mesh(verts, faces, camera, 96, 96)
+    assert abs(out["depth"][0, 0, 47:49, 47:49].mean().item() - 2.2) < 0.01  # the small sphere's front
+    assert (out["face_id"][0, 47:49, 47:49] >= len(big_faces)).all()
+    # The small sphere's outline lies inside the big sphere's disk: the mask stays exactly 1 there.
+    radius = float(camera.focal(96)[0]) * math.tan(math.asin(1 / 4.0))
+    rows, cols = torch.meshgrid(torch.arange(96) + 0.5, torch.arange(96) + 0.5, indexing="ij")
+    inner = (rows - 48) ** 2 + (cols - 48) ** 2 < (radius - 3) ** 2
+    assert (out["mask"][0, 0][inner] == 1).all()
+    out["mask"].sum().backward()
+    assert (verts.grad[len(big):] == 0).all() and verts.grad[:len(big)].abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# Export: OBJ and GLB written, then parsed back
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def ellipsoid():
+    """Closed convex mesh: octahedron subdivided once (32 faces), on an ellipsoid.
+
+    Scaled (1, 2, 3) and shifted so that the Z-up -> Y-up swap and the sign of
+    -y are visible in the exported bounds. Faces wind counter-clockwise outward.
+    """
+    v = [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]
+    f = [[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]]
+    mid = {}
+
+    def midpoint(a, b):
+        key = (min(a, b), max(a, b))
+        if key not in mid:
+            mid[key] = len(v)
+            v.append([(x + y) / 2 for x, y in zip(v[a], v[b])])
+        return mid[key]
+
+    faces = []
+    for a, b, c in f:
+        ab, bc, ca = midpoint(a, b), midpoint(b, c), midpoint(c, a)
+        faces += [[a, ab, ca], [ab, b, bc], [ca, bc, c], [ab, bc, ca]]
+    v = torch.tensor(v, dtype=torch.float32)
+    v = v / v.norm(dim=1, keepdim=True) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([0.1, 0.2, 0.3])
+    return v, torch.tensor(faces)
+
+
+def colour_of(v):
+    """Linear colour field spanning [0, 1] over the mesh's bounding box."""
+    lo, hi = v.min(0).values, v.max(0).values
+    return lambda p: (p - lo) / (hi - lo)
+
+
+def y_up(a):
+    return np.stack([a[:, 0], a[:, 2], -a[:, 1]], 1)
+
+
+def sample(image, u, v_down):
+    """Bilinear lookup like a GPU: image (H, W, 3) uint8, uv with origin top-left."""
+    h, w = image.shape[:2]
+    x, y = u * w - 0.5, v_down * h - 0.5  # texel centres sit at half-integers
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    img = image.astype(np.float64) / 255
+
+    def at(xi, yi):
+        return img[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
+
+    top = at(x0, y0) * (1 - fx) + at(x0 + 1, y0) * fx
+    bottom = at(x0, y0 + 1) * (1 - fx) + at(x0 + 1, y0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+# ------------------------------------------------------------------- readers
+
+
+def read_obj(folder, name="mesh"):
+    """Parse our OBJ: v, vt, vn arrays and 0-based (F, 3) v / vt / vn indices."""
+    out = {"v": [], "vt": [], "vn": [], "f": [], "mtllib": None}
+    for line in (folder / f"{name}.obj").read_text().splitlines():
+        key, *values = line.split()
+        if key in ("v", "vt", "vn"):
+            out[key].append([float(x) for x in values])
+        elif key == "f":
+            out["f"].append([[int(i) - 1 for i in corner.split("/")] for corner in values])
+        elif key == "mtllib":
+            out["mtllib"] = values[0]
+    out = {k: np.array(x) if isinstance(x, list) else x for k, x in out.items()}
+    out["f_v"], out["f_vt"], out["f_vn"] = (out["f"][..., i] for i in range(3))
+    return out
+
+
+def read_glb(path):
+    """Parse a GLB, checking its framing; return (gltf json, {name: array}, PIL image)."""
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<4sII", data, 0)
+    assert (magic, version, length) == (b"glTF", 2, len(data))
+    chunks, offset = [], 12
+    while offset < len(data):
+        size, kind = struct.unpack_from("<I4s", data, offset)
+        assert size % 4 == 0
+        chunks.append((kind, data[offset + 8 : offset + 8 + size]))
+        offset += 8 + size
+    assert offset == len(data)
+    assert [kind for kind, _ in chunks] == [b"JSON", b"BIN\0"]
+    gltf, binary = json.loads(chunks[0][1]), chunks[1][1]
+    assert gltf["buffers"][0]["byteLength"] <= len(binary)
+
+    def view_bytes(i):
+        view = gltf["bufferViews"][i]
+        assert view["byteOffset"] % 4 == 0
+        return binary[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
+
+    def accessor(i):
+        acc = gltf["accessors"][i]
+        dtype = {5126: np.float32, 5125: np.uint32}[acc["componentType"]]
+        width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3}[acc["type"]]
+        array = np.frombuffer(view_bytes(acc["bufferView"]), dtype).reshape(-1, width)
+        assert len(array) == acc["count"]
+        return array
+
+    prim = gltf["meshes"][0]["primitives"][0]
+    arrays = {name: accessor(i) for name, i in prim["attributes"].items()}
+    arrays["indices"] = accessor(prim["indices"])[:, 0]
+    material = gltf["materials"][prim["material"]]
+    texture = gltf["textures"][material["pbrMetallicRoughness"]["baseColorTexture"]["index"]]
+    image = gltf["images"][texture["source"]]
+    assert image["mimeType"] == "image/png"
+    png = Image.open(io.BytesIO(view_bytes(image["bufferView"])))
+    return gltf, arrays, png
+
+
+# --------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("faces_count", [1, 9, 32])
+def test_export_uv_atlas_layout(faces_count):
+    size = 64
+    uv = P.uv_atlas(faces_count, size)
+    assert uv.shape == (faces_count, 3, 2)
+    assert uv.min() >= 0 and uv.max() <= 1
+    px = uv.double() * size
+    e1, e2 = px[:, 1] - px[:, 0], px[:, 2] - px[:, 0]
+    assert ((e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]).abs() / 2 > 1).all()  # > 1 texel^2
+
+    # Coverage: no texel centre lies in (or within a texel of) two triangles.
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centre = torch.stack([xs, ys], -1).reshape(-1, 1, 2).double() + 0.5
+    a, b, c = px[None, :, 0], px[None, :, 1], px[None, :, 2]
+
+    def side(p, q, r):  # twice the signed area of (p, q, r), normalised by |q - p|
+        d = q - p
+        return (d[..., 0] * (r - p)[..., 1] - d[..., 1] * (r - p)[..., 0]) / d.norm(dim=-1)
+
+    sign = side(a, b, c).sign()
+    for grow in (0.0, 0.99):  # exact triangles, then triangles grown by ~1 texel
+        inside = (side(a, b, centre) * sign > -grow) & (side(b, c, centre) * sign > -grow)
+        inside &= side(c, a, centre) * sign > -grow
+        assert inside.sum(1).max() <= 1
+        assert (inside.sum(0) > 0).all()  # every triangle covers some texel
+
+
+def test_export_uv_atlas_too_small_raises():
+    with pytest.raises(ValueError):
+        P.uv_atlas(1000, 64)
+
+
+def test_export_bake_matches_color_fn():
+    v, f = ellipsoid()
+    f = f[:31]  # odd count: the last cell is half empty
+    size = 128
+    uv = P.uv_atlas(len(f), size)
+    image = P.bake_texture(v, f, uv, colour_of(v), size)
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+
+    # Colour is linear over each triangle and in its texture, so bilinear
+    # sampling at the UV centroid must give the field at the 3D centroid.
+    centroid_uv = uv.mean(1).numpy()
+    got = sample(image, centroid_uv[:, 0], centroid_uv[:, 1])
+    want = colour_of(v)(v[f].mean(1)).numpy()
+    assert np.abs(got - want).max() < 2 / 255
+
+
+def test_export_bake_no_bleeding_between_triangles():
+    # A soup of separate triangles, each with its own flat colour: any bilinear
+    # lookup inside a triangle, even at its corners, must see only that colour.
+    faces_count, size = 9, 64  # 3 x 3 cells of 21.33 texels: cell edges off the texel grid
+    base = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0.5]])
+    v = torch.cat([base + torch.tensor([10.0 * i, 0, 0]) for i in range(faces_count)])
+    f = torch.arange(3 * faces_count).reshape(-1, 3)
+    palette = torch.rand(faces_count, 3, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def color_fn(p):
+        seen.append(p)
+        return palette[(p[:, 0] / 10).round().long()]
+
+    image = P.bake_texture(v, f, P.uv_atlas(faces_count, size), color_fn, size)
+    # Gutter texels take colours from the triangle's border, never from
+    # points extrapolated off the surface (where a radiance field means nothing).
+    p = torch.cat(seen)
+    x, y = p[:, 0] - 10 * (p[:, 0] / 10).round(), p[:, 1]
+    assert (x >= -1e-5).all() and (y >= -1e-5).all() and (x + y <= 1 + 1e-5).all()
+    assert torch.allclose(p[:, 2], y / 2, atol=1e-5)
+
+    uv = P.uv_atlas(faces_count, size)
+    weights = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0], [0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+    points = torch.einsum("kc,fcd->fkd", weights, uv).reshape(-1, 2).numpy()  # corners, edge midpoints, centroid
+    got = sample(image, points[:, 0], points[:, 1]).reshape(faces_count, -1, 3)
+    want = (palette * 255).round() / 255
+    assert np.abs(got - want[:, None].numpy()).max() < 1e-6
+
+
+def test_export_obj_roundtrip(tmp_path):
+    v, f = ellipsoid()
+    size = 128
+    uv = P.uv_atlas(len(f), size)
+    image = P.bake_texture(v, f, uv, colour_of(v), size)
+    P.write_obj(tmp_path, v, f, uv, image)
+
+    obj = read_obj(tmp_path)
+    assert len(obj["v"]) == len(v) and len(obj["f"]) == len(f)
+    assert len(obj["vt"]) == 3 * len(f) and len(obj["vn"]) == len(v)
+    assert np.allclose(obj["v"], y_up(v.numpy()), atol=1e-5)
+    assert (obj["f_v"] == f.numpy()).all()
+    assert obj["f_vt"].max() < len(obj["vt"]) and (obj["f_vn"] == obj["f_v"]).all()
+
+    # Outward in the file's own (Y-up) frame: vertex normals and face windings.
+    p, centre = obj["v"], obj["v"].mean(0)
+    assert ((obj["vn"] * (p - centre)).sum(1) > 0).all()
+    tri = p[obj["f_v"]]
+    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert ((face_n * (tri.mean(1) - centre)).sum(1) > 0).all()
+
+    # Material points at the texture; OBJ's vt has its origin bottom-left.
+    assert obj["mtllib"] == "mesh.mtl"
+    assert "map_Kd texture.png" in (tmp_path / "mesh.mtl").read_text()
+    png = np.array(Image.open(tmp_path / "texture.png"))
+    assert png.shape == (size, size, 3)
+    vt = obj["vt"][obj["f_vt"]].mean(1)
+    got = sample(png, vt[:, 0], 1 - vt[:, 1])
+    assert np.abs(got - colour_of(v)(v[f].mean(1)).numpy()).max() < 2 / 255
+
+
+def test_export_glb_roundtrip(tmp_path):
+    v, f = ellipsoid()
+    size = 64
+    uv = P.uv_atlas(len(f), size)
+    image = P.bake_texture(v, f, uv, colour_of(v), size)
+    path = tmp_path / "mesh.glb"
+    P.write_glb(path, v, f, uv, image)
+
+    gltf, arrays, png = read_glb(path)
+    position, normal, texcoord, indices = (arrays[k] for k in ("POSITION", "NORMAL", "TEXCOORD_0", "indices"))
+    assert len(indices) == 3 * len(f) and indices.max() < len(position)
+    assert len(position) == len(normal) == len(texcoord) == 3 * len(f)
+
+    acc = gltf["accessors"][gltf["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
+    assert acc["min"] == position.min(0).tolist() and acc["max"] == position.max(0).tolist()
+    expected = y_up(v.numpy())[f.numpy().reshape(-1)]
+    assert np.allclose(position, expected, atol=1e-6)
+    assert np.allclose(acc["min"], [-0.9, -2.7, -2.2], atol=1e-6)  # x, z, -y bounds
+    assert np.allclose(acc["max"], [1.1, 3.3, 1.8], atol=1e-6)
+
+    centre = position.mean(0)
+    assert np.allclose(np.linalg.norm(normal, axis=1), 1, atol=1e-5)
+    assert ((normal * (position - centre)).sum(1) > 0).all()
+    tri = position[indices].reshape(-1, 3, 3)
+    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert ((face_n * (tri.mean(1) - centre)).sum(1) > 0).all()
+
+    pbr = gltf["materials"][0]["pbrMetallicRoughness"]
+    assert (pbr["metallicFactor"], pbr["roughnessFactor"]) == (0, 1)
+    assert png.size == (size, size)
+    # glTF's UV origin is top-left: sample directly at the face's UV centroid.
+    uv_centroid = texcoord[indices].reshape(-1, 3, 2).mean(1)
+    got = sample(np.array(png.convert("RGB")), uv_centroid[:, 0], uv_centroid[:, 1])
+    assert np.abs(got - colour_of(v)(v[f].mean(1)).numpy()).max() < 2 / 255
