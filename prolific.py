@@ -238,7 +238,8 @@ def load_sd(model, dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
     local = os.path.isdir(model)
     if not local and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise UserError(f"--model {model!r} is neither a folder nor a hub id of the form owner/name")
+        raise UserError(f"could not load Stable Diffusion {model!r}: no such folder, and not a hub id of the form "
+                        f"owner/name. Pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base")
     try:
         load = dict(torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -680,11 +681,15 @@ def ray_box(o, d, bound, near_min=0.05):
     return near, torch.maximum(far, near + 1e-4)
 
 
-def composite(sigma, rgb, z, far):
-    """Alpha compositing along each ray. alpha_i = 1 - exp(-sigma_i delta_i); transmittance
-    T_i = prod_{j<i} (1 - alpha_j) is the *exclusive* cumprod (the light reaching sample i has passed
-    only the samples before it); weight w_i = T_i alpha_i. sigma (N,S), rgb (N,S,3), z (N,S), far (N,)."""
-    delta = torch.diff(z, dim=-1, append=far[:, None]).clamp(min=0)           # (N, S)
+def composite(sigma, rgb, z, near, far):
+    """Alpha compositing along each ray. Sample i stands for the interval between the midpoints to its
+    neighbours (the first starts at near, the last ends at far), so the deltas tile [near, far] exactly.
+    alpha_i = 1 - exp(-sigma_i delta_i); transmittance T_i = prod_{j<i} (1 - alpha_j) is the *exclusive*
+    cumprod (the light reaching sample i has passed only the samples before it); weight w_i = T_i alpha_i.
+    sigma (N,S), rgb (N,S,3), z (N,S), near and far (N,)."""
+    mids = (z[:, 1:] + z[:, :-1]) / 2
+    edges = torch.cat([near[:, None], mids, far[:, None]], -1)                 # (N, S+1)
+    delta = torch.diff(edges, dim=-1).clamp(min=0)                             # (N, S)
     alpha = 1 - torch.exp(-sigma * delta)
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], -1), -1)
     w = trans * alpha                                                          # (N, S)
@@ -700,7 +705,7 @@ def sample_depths(field, o, d, near, far, n_samples, n_importance):
     u = bins[:-1] + torch.rand(n, n_samples, device=o.device) / n_samples    # one jittered sample per bin
     z = near[:, None] + (far - near)[:, None] * u                              # (N, n_samples)
     sigma = field.density((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3)).view(n, n_samples)
-    w, *_ = composite(sigma, torch.zeros(n, n_samples, 3, device=o.device), z, far)
+    w, *_ = composite(sigma, torch.zeros(n, n_samples, 3, device=o.device), z, near, far)
     pdf = (w + 1e-5) / (w + 1e-5).sum(-1, keepdim=True)                       # (N, n_samples)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)        # (N, n_samples + 1)
     v = torch.rand(n, n_importance, device=o.device)
@@ -712,11 +717,11 @@ def sample_depths(field, o, d, near, far, n_samples, n_importance):
     return torch.sort(torch.cat([z, fine], -1), -1).values
 
 
-def render_rays(field, o, d, z, far, background):
+def render_rays(field, o, d, z, near, far, background):
     """Shade rays at given sample depths z (N, S): differentiable w.r.t. the field."""
     n, s = z.shape
     sigma, rgb = field((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3))
-    w, color, opacity, depth = composite(sigma.view(n, s), rgb.view(n, s, 3), z, far)
+    w, color, opacity, depth = composite(sigma.view(n, s), rgb.view(n, s, 3), z, near, far)
     bg = field.background_color(d) if background is None else background
     return color + (1 - opacity) * bg, opacity, depth
 
@@ -735,7 +740,7 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
         sl = slice(k, k + chunk)
         z = depths[sl] if depths is not None else sample_depths(field, o[sl], d[sl], near[sl], far[sl],
                                                                 n_samples, n_importance)
-        rgb, opacity, depth = render_rays(field, o[sl], d[sl], z, far[sl], None if bg is None else bg[sl])
+        rgb, opacity, depth = render_rays(field, o[sl], d[sl], z, near[sl], far[sl], None if bg is None else bg[sl])
         for key, v in zip(out, (rgb, opacity, depth, z)):
             out[key].append(v)
     image = lambda key, c: torch.cat(out[key]).view(b, height, width, c).permute(0, 3, 1, 2)
@@ -756,7 +761,7 @@ def backward_through_render(field, camera, size, first, grad_rgb, background, cf
     n = len(o)
     for k in range(0, n, chunk):
         sl = slice(k, k + chunk)
-        rgb, opacity, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], far[sl],
+        rgb, opacity, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], near[sl], far[sl],
                                       None if bg is None else bg[sl])
         a = opacity.clamp(1e-5, 1 - 1e-5)
         entropy = -(a * a.log() + (1 - a) * (1 - a).log()).sum() / n           # push opacity to 0 or 1

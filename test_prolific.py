@@ -900,3 +900,339 @@ def test_export_glb_roundtrip(tmp_path):
     uv_centroid = texcoord[indices].reshape(-1, 3, 2).mean(1)
     got = sample(np.array(png.convert("RGB")), uv_centroid[:, 0], uv_centroid[:, 1])
     assert np.abs(got - colour_of(v)(v[f].mean(1)).numpy()).max() < 2 / 255
+
+
+# -----------------------------------------------------------------------------
+# eps_phi: the LoRA on a tiny random Stable Diffusion (the real diffusers/peft code path)
+
+
+def tiny_prior(**kw):
+    return P.StableDiffusionPrior(P.Config(prompt="a blue tulip", model="tiny", **kw), torch.device("cpu"), 7.5)
+
+
+def test_lora_attaches_only_adapter_and_camera_train_and_disabled_equals_original():
+    prior = tiny_prior(lora_model="same")
+    original = P.tiny_unet(seed=0)  # the same random UNet, untouched
+    eps_phi = P.LoRAScore(prior, P.Config(model="tiny", lora_model="same"))
+    names = [n for n, p in eps_phi.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("class_embedding.") for n in names)
+    assert sum(n.startswith("class_embedding.") for n in names) == 4          # 16 -> 1280-like -> 1280-like MLP
+    lora = [p for n, p in eps_phi.unet.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora:  # make the adapter matter (peft starts lora_B at zero)
+            p.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    emb = prior.text(None, 2)
+    with torch.no_grad():
+        with P.pretrained_pass(eps_phi.unet):
+            disabled = eps_phi.unet(x, t, encoder_hidden_states=emb).sample
+        expected = original(x, t, encoder_hidden_states=emb).sample
+        adapted = eps_phi(x, t, None)
+    assert torch.equal(disabled, expected)
+    assert (adapted - expected).abs().max() > 1e-3  # and with adapters on, it is a different network
+    # one optimiser step changes LoRA and camera MLP weights only
+    before = {n: p.detach().clone() for n, p in eps_phi.unet.named_parameters()}
+    opt = torch.optim.AdamW(eps_phi.trainable(), lr=1e-2)
+    cam = P.Camera.orbit(torch.tensor([10.0]), torch.tensor([0.0]), torch.tensor([1.2]), torch.tensor([50.0]))
+    eps_phi.loss(torch.randn(1, 4, 8, 8), cam).backward()
+    opt.step()
+    changed = {n for n, p in eps_phi.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(names)
+
+
+def test_sd_prior_applies_cfg_with_view_prompts():
+    prior = tiny_prior()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    cam = P.Camera.orbit(torch.tensor([10.0]), torch.tensor([170.0]), torch.tensor([1.2]), torch.tensor([50.0]))
+    assert P.VIEWS[P.view_of(cam)[0]] == "back"
+    with torch.no_grad():
+        cond = prior.unet(x, t, encoder_hidden_states=prior.emb_views[2:3]).sample
+        uncond = prior.unet(x, t, encoder_hidden_states=prior.emb_negative).sample
+    torch.testing.assert_close(prior.predict_noise(x, t, cam), uncond + 7.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_view_of_cameras():
+    el, az = torch.tensor([0.0, 0.0, 0.0, 0.0, 70.0]), torch.tensor([10.0, 90.0, -100.0, 179.0, 0.0])
+    cam = P.Camera.orbit(el, az, torch.ones(5), torch.full((5,), 50.0))
+    assert [P.VIEWS[v] for v in P.view_of(cam)] == ["front", "side", "side", "back", "overhead"]
+
+
+# -----------------------------------------------------------------------------
+# The command line: 2D and toy modes end to end, bad input
+
+
+def test_2d_tiny_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("a hamburger", "--2d", "--model", "tiny", "--steps", "4", "--particles", "3", "--preview-every", "2",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pictures are noise" in r.stdout
+    grid = Image.open(out / "particles.png")
+    assert grid.size == (2 * 16, 2 * 16)  # 3 particles of 16x16 pixels in a 2x2 grid
+    assert (out / "preview_000002.png").exists() and (out / "preview_000004.png").exists()
+    assert torch.load(out / "particles.pt").shape == (3, 4, 8, 8)
+    assert json.loads((out / "config.json").read_text())["particles"] == 3
+
+
+def test_2d_sds_and_ancestral_run(tmp_path):
+    for method in ("sds", "ancestral"):
+        r = run_cli("a hamburger", "--2d", "--model", "tiny", "--method", method, "--steps", "2", "--particles", "2",
+                    "--out", str(tmp_path / method))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / method / "particles.png").exists()
+
+
+def test_toy_end_to_end(tmp_path):
+    r = run_cli("--toy", "--steps", "300", "--out", str(tmp_path / "toy"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "VSD particles" in r.stdout and "SDS particles" in r.stdout
+    assert Image.open(tmp_path / "toy" / "toy.png").size == (3 * 320, 320 + 24)
+
+
+@pytest.mark.parametrize("args", [
+    [""], ["   "], ["x", "--steps", "0"], ["x", "--particles", "-1"], ["x", "--resolution", "0"],
+    ["x", "--steps", "ten"], ["x", "--bogus"], ["x", "--method", "foo"], ["x", "--method", "ancestral"],
+    ["x", "--toy", "--2d"],
+])
+def test_bad_input_exits_2_with_one_line(args):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unwritable_or_existing_out_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli("--toy", "--out", str(blocker / "sub"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot write" in r.stderr
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    r = run_cli("--toy", "--out", str(used))
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert (used / "keep.txt").read_text() == "mine" and os.listdir(used) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/stable-diffusion", "nobody-here/no-such-model"])
+def test_model_that_cannot_load_gives_one_clear_line(tmp_path, model):
+    r = run_cli("a blue tulip", "--model", model, "--steps", "1", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert model in lines[0] and "--model /path/to/" in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: cameras, the volume renderer, and distillation of a known scene
+
+
+def test_camera_orbit_conventions():
+    cam = P.Camera.orbit(torch.tensor([0.0, 30.0]), torch.tensor([0.0, 90.0]), torch.tensor([2.0, 1.5]),
+                         torch.tensor([60.0, 40.0]))
+    torch.testing.assert_close(cam.c2w[0, :3, 3], torch.tensor([2.0, 0.0, 0.0]))      # azimuth 0 looks from +X
+    eye = cam.c2w[1, :3, 3]
+    torch.testing.assert_close(eye, 1.5 * torch.tensor([0.0, math.cos(math.radians(30)), math.sin(math.radians(30))]))
+    forward = -cam.c2w[:, :3, 2]                                                        # looks down -z
+    torch.testing.assert_close(forward, -cam.c2w[:, :3, 3] / cam.c2w[:, :3, 3].norm(dim=-1, keepdim=True))
+    assert (cam.c2w[:, 2, 1] > 0).all()                                                 # +y is up (world Z-up)
+    torch.testing.assert_close(cam.c2w[:, :3, :3] @ cam.c2w[:, :3, :3].transpose(1, 2), torch.eye(3).expand(2, 3, 3))
+    o, d = P.camera_rays(cam[0], 2, 2)  # the 4 pixels of a 2x2 image straddle the optical axis symmetrically
+    torch.testing.assert_close(d.mean(0) / d.mean(0).norm(), forward[0])
+    torch.testing.assert_close(cam.c2w[0, :3, 0], torch.tensor([0.0, 1.0, 0.0]))  # seen from +X, right is +Y
+    assert d[0, 2] > 0 and d[0, 1] < 0  # pixel (0, 0) is top-left: up (+Z) and left (-Y)
+
+
+def test_training_cameras_follow_app_f():
+    torch.manual_seed(0)
+    cam = P.sample_cameras(2000, P.Config(), "cpu")
+    assert cam.distance.min() >= 1.0 and cam.distance.max() <= 1.5
+    assert cam.fovy.min() >= 40 and cam.fovy.max() <= 70
+    assert cam.elevation.min() >= -10 and cam.elevation.max() <= 45
+    assert cam.azimuth.min() < -170 and cam.azimuth.max() > 170
+    scene = P.sample_cameras(2000, P.Config(init="scene"), "cpu")
+    assert scene.distance.min() < 0.2 and scene.distance.max() > 2.2
+
+
+def test_density_init_of_sec_4_2():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [0.0, 5 / 6, 0.0], [0.0, 0.0, 2.5]])
+    torch.testing.assert_close(P.density_init(x, "object"), torch.tensor([10.0, 5.0, 10 * (1 - (5 / 6) / 0.5), -40.0]))
+    torch.testing.assert_close(P.density_init(x, "scene"), torch.tensor([-10.0, -9.0, -10 * (1 - (5 / 6) / 2.5), 0.0]))
+    r = torch.tensor([[5 / 6 - 1e-4, 0, 0], [5 / 6 + 1e-4, 0, 0]])
+    both = P.density_init(r, "scene+object")
+    assert abs(both[0] - both[1]) < 1e-2 and abs(both[0] + 20 / 3) < 1e-2  # continuous at 5/6
+
+
+class ConstantField(torch.nn.Module):
+    """Density sigma inside the box [-bound, bound]^3, colour c, black background."""
+
+    def __init__(self, sigma, bound=0.5, color=(1.0, 0.5, 0.25)):
+        super().__init__()
+        self.sigma, self.bound = torch.nn.Parameter(torch.tensor(float(sigma))), bound
+        self.color = torch.tensor(color)
+
+    def density(self, x):
+        return self.sigma * ((x.abs() <= self.bound).all(-1)).float()
+
+    def forward(self, x):
+        return self.density(x), self.color.expand(len(x), 3)
+
+    def background_color(self, d):
+        return torch.zeros_like(d)
+
+
+def test_render_matches_beer_lambert():
+    """Opacity through a box of constant density is 1 - exp(-sigma L), L the chord through the box."""
+    cam = P.Camera.orbit(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([20.0]))
+    for sigma in (0.5, 2.0, 8.0):
+        out = P.render(ConstantField(sigma), cam, 9, 9)
+        o, d = P.camera_rays(cam, 9, 9)
+        near, far = P.ray_box(o, d, 0.5)
+        expected = 1 - torch.exp(-sigma * (far - near))                        # exact for every pixel's chord
+        torch.testing.assert_close(out["opacity"].flatten(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out["rgb"][0, :, 4, 4], expected[40] * torch.tensor([1.0, 0.5, 0.25]))
+        # the expected depth of a uniform medium: integral of z sigma exp(-sigma (z - n)) over [n, f]
+        z = torch.linspace(1.5, 2.5, 200001)
+        w = sigma * torch.exp(-sigma * (z - 1.5))
+        torch.testing.assert_close(out["depth"][0, 0, 4, 4], torch.trapezoid(z * w, z), rtol=2e-3, atol=1e-3)
+
+
+def test_deferred_backprop_equals_direct_gradient():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    field = P.NeRFField(cfg)
+    cam = P.sample_cameras(1, cfg, "cpu")
+    grad_rgb = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        first = P.render(field, cam, 12, 12, None, 16, 8)
+    P.backward_through_render(field, cam, 12, first, grad_rgb, None, P.Config(lambda_entropy=0, lambda_sparsity=0), chunk=40)
+    deferred = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad()
+    direct = P.render(field, cam, 12, 12, None, depths=first["depths"])["rgb"]
+    (direct * grad_rgb).sum().backward()
+    for a, b in zip(deferred, [p.grad for p in field.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in deferred)
+
+
+SPHERES = [((0.0, 0.0, -0.1), 0.35, (0.9, 0.2, 0.1)), ((0.0, 0.0, 0.38), 0.18, (0.1, 0.3, 0.9)),
+           ((0.3, 0.25, -0.25), 0.15, (0.1, 0.8, 0.2))]
+
+
+def trace_spheres(camera, size):
+    """Exact render of three coloured spheres over white: the known scene. (B, 3, size, size)"""
+    o, d = P.camera_rays(camera, size, size)
+    best, color = torch.full((len(o),), float("inf")), torch.ones(len(o), 3)
+    for c, r, col in SPHERES:
+        oc = o - torch.tensor(c)
+        b = (oc * d).sum(-1)
+        disc = b * b - (oc * oc).sum(-1) + r * r
+        s = -b - disc.clamp(min=0).sqrt()
+        hit = (disc > 0) & (s > 0) & (s < best)
+        best, color[hit] = torch.where(hit, s, best), torch.tensor(col)
+    return color.view(len(camera), size, size, 3).permute(0, 3, 1, 2)
+
+
+class KnownScenePrior:
+    """A pixel-space prior whose clean image at camera c is the known scene seen from c:
+    eps_pretrain(x_t, t, c) = (x_t - sqrt(a) x_gt(c)) / sqrt(1 - a)."""
+
+    def __init__(self):
+        self.alphas_cumprod = P.sd_alphas_cumprod()
+        self.calls = 0
+
+    def encode(self, images):
+        return images * 2 - 1
+
+    def predict_noise(self, x_t, t, camera=None):
+        self.calls += 1
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * (trace_spheres(camera, x_t.shape[-1]) * 2 - 1)) / (1 - a).sqrt()
+
+
+def small_cfg(**kw):
+    """Paper settings except what makes CPU tests fast: a smaller hash grid, 32 + 16 samples, 32 pixels."""
+    base = dict(resolution=32, random_background=0.0, grid_levels=8, grid_log2_table=14, grid_max_resolution=128,
+                n_samples=32, n_importance=16)
+    return P.Config(**{**base, **kw})
+
+
+def held_out_psnr(field, cfg, size=32):
+    cam = P.Camera.orbit(torch.tensor([20.0]), torch.tensor([37.0]), torch.tensor([1.25]), torch.tensor([55.0]))
+    with torch.no_grad():
+        img = P.render(field, cam, size, size, None, cfg.n_samples, cfg.n_importance)["rgb"]
+    return (-10 * torch.log10((img - trace_spheres(cam, size)).pow(2).mean())).item()
+
+
+def test_known_scene_sds_reconstructs_the_object():
+    cfg = small_cfg(method="sds", steps=300)
+    torch.manual_seed(0)
+    assert held_out_psnr(P.NeRFField(cfg), cfg) < 8
+    (field,) = P.train_nerf(KnownScenePrior(), cfg)
+    assert held_out_psnr(field, cfg) > 20
+
+
+def test_known_scene_vsd_with_small_eps_phi_converges():
+    cfg = small_cfg(method="vsd", steps=300)
+    (field,) = P.train_nerf(KnownScenePrior(), cfg)
+    assert held_out_psnr(field, cfg) > 16
+
+
+class InterruptAt(KnownScenePrior):
+    def __init__(self, call):
+        super().__init__()
+        self.stop = call
+
+    def predict_noise(self, x_t, t, camera=None):
+        if self.calls + 1 == self.stop:
+            raise KeyboardInterrupt
+        return super().predict_noise(x_t, t, camera)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    cfg = small_cfg(method="vsd", steps=8, particles=2, resolution=16, save_every=3, preview_every=4)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    straight = P.train_nerf(KnownScenePrior(), cfg, out=str(tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the middle of step 5 (the prior's 6th call)
+        P.train_nerf(InterruptAt(6), cfg, out=str(tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 5
+    resumed = P.train_nerf(KnownScenePrior(), cfg, out=str(tmp_path / "b"), resume=True)
+    for f, g in zip(straight, resumed):
+        for (n, p), q in zip(f.state_dict().items(), g.state_dict().values()):
+            assert torch.equal(p, q), n
+    for d in ("a", "b"):
+        for k in range(2):
+            assert (tmp_path / d / f"particle{k}" / "frames" / "frame_035.png").exists()
+        assert list((tmp_path / d / "particle0").glob("turntable.*"))
+        assert (tmp_path / d / "previews" / "step_000004.png").exists()
+
+
+class NaNAfter(KnownScenePrior):
+    def predict_noise(self, x_t, t, camera=None):
+        out = super().predict_noise(x_t, t, camera)
+        return out * float("nan") if self.calls > 4 else out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = small_cfg(method="sds", steps=10, resolution=16, save_every=2)
+    with pytest.raises(P.TrainingStopped, match="step 4"):
+        P.train_nerf(NaNAfter(), cfg, out=str(tmp_path))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["particles"][0].values())
+
+
+def test_stage1_cli_tiny_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "tulip"
+    r = run_cli("a blue tulip", "--model", "tiny", "--steps", "20", "--resolution", "32", "--preview-every", "10",
+                "--save-every", "10", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.json", "log.txt", "checkpoint.pt", "previews/step_000010.png", "previews/step_000020.png",
+                 "particle0/frames/frame_000.png"):
+        assert (out / name).exists(), name
+    assert list((out / "particle0").glob("turntable.*"))
+    assert "step 20" in (out / "log.txt").read_text()
+    assert json.loads((out / "config.json").read_text())["steps"] == 20
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 20
+    r = run_cli("--resume", str(out))  # a finished run resumes to "nothing left to do"
+    assert r.returncode == 0, r.stderr[-3000:]
