@@ -2043,6 +2043,7 @@ def parse_args(argv):
     p.add_argument("--geometry-steps", type=positive(int), default=Config.geometry_steps, help="stage 2 steps")
     p.add_argument("--texture-steps", type=positive(int), default=Config.texture_steps, help="stage 3 steps")
     p.add_argument("--tet-resolution", type=positive(int), default=Config.tet_resolution, help="DMTet grid size")
+    p.add_argument("--texture-size", type=positive(int), default=Config.texture_size, help="texture atlas size (px)")
     p.add_argument("--init", choices=["object", "scene", "scene+object"], default=Config.init)
     p.add_argument("--model", default=Config.model,
                    help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download)')
@@ -2065,7 +2066,8 @@ def config_from_args(args):
     cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt, method=args.method,
                  seed=args.seed, model=args.model, lora_model=args.lora_model, resolution=args.resolution,
                  init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh,
-                 geometry_steps=args.geometry_steps, texture_steps=args.texture_steps, tet_resolution=args.tet_resolution)
+                 geometry_steps=args.geometry_steps, texture_steps=args.texture_steps, tet_resolution=args.tet_resolution,
+                 texture_size=args.texture_size)
     if args.particles:
         cfg.particles = args.particles
     elif args.two_d:
@@ -2087,8 +2089,9 @@ def main(argv=None):
         if args.resume:
             out = args.resume
             cfg = load_config(out)
-            if args.mesh and not cfg.mesh:  # --mesh --resume: add the mesh stages to a stage-1 run
-                cfg.mesh = True
+            if args.mesh and not cfg.mesh:  # --mesh --resume: add the mesh stages, with this command's settings
+                cfg.mesh, cfg.geometry_steps, cfg.texture_steps, cfg.tet_resolution, cfg.texture_size = (
+                    True, args.geometry_steps, args.texture_steps, args.tet_resolution, args.texture_size)
                 save_config(cfg, out)
             run_nerf(cfg, out, device, resume=True)
         elif args.toy:
