@@ -30,10 +30,7 @@ import prolific
 from hashgrid import HashGrid
 from marching_tets import marching_tets, tet_grid
 
-try:  # the rasteriser is moving into prolific.py
-    from prolific import Camera, render_mesh
-except ImportError:
-    from parts.raster import Camera, render_mesh
+from prolific import Camera, render_mesh
 
 PAPER_GB = {64: 17, 128: 17, 256: 18, 512: 27}  # the authors' stage-1 memory at each render size
 GOAL_GB = 24                                     # ours: 512 px within a 24 GB card
