@@ -410,7 +410,8 @@ class LoRAScore(nn.Module):
         if cfg.lora_model == "same":
             unet = prior.unet
         elif cfg.model in RANDOM_MODELS:  # a random prior gets a random v-prediction UNet of the same shape
-            unet = RANDOM_MODELS[cfg.model][1]("v_prediction", seed=1).to(prior.device, prior.dtype)
+            unet = RANDOM_MODELS[cfg.model][1]("v_prediction", seed=1).to(prior.device)
+            unet = unet if prior.dtype == torch.float32 else unet.to(prior.dtype)
         else:
             try:
                 unet = load_unet(cfg.lora_model, prior.dtype).to(prior.device)
@@ -904,6 +905,11 @@ class TrainingStopped(Exception):
     """A run that cannot continue (NaN loss): message printed, last good checkpoint kept, exit 1."""
 
 
+def check_finite(loss, step):
+    if not torch.isfinite(loss):
+        raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
+
+
 def train_nerf(prior, cfg, out=None, resume=False, progress=False):
     """Algorithm 1 for NeRFs: n particles theta_i (each a NeRFField with its background) share one
     eps_phi. Each step trains one random particle (under torchrun: one of this rank's, so N at a time).
@@ -939,8 +945,7 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9) or (3)
             loss = surrogate_loss(x0, g)
-            if not torch.isfinite(loss):
-                raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
+            check_finite(loss, step)
             loss.backward()                                                  # image.grad = dL/dx
             opt.zero_grad()
             backward_through_render(field, camera, size, first, image.grad, bg, cfg)
@@ -1451,11 +1456,6 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
             save_mesh_checkpoint(out, 3, step, dmtet, tex, opt, eps_phi, opt_phi, rng)
         raise
     return tex
-
-
-def check_finite(loss, step):
-    if not torch.isfinite(loss):
-        raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
 
 
 def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rng):
