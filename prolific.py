@@ -2134,12 +2134,12 @@ def interrupt(signum, frame):
 
 def run_mesh(cfg, out, prior, particles):
     """Stages 2-3 for every particle, each in its own folder, then export and turntables."""
-    for k, nerf in enumerate(particles):
+    for k, nerf in zip(my_particles(cfg), particles):  # under torchrun: this rank's particles
         folder = os.path.join(out, f"particle{k}")
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, "mesh.glb")):
             continue  # finished before an interruption
-        dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=True)
+        dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=world()[0] == 0)
         export_mesh(dmtet, tex, cfg, folder)
         print(f"wrote {folder}/mesh.obj, mesh.glb, texture.png and the mesh turntables")
 

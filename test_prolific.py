@@ -6,9 +6,12 @@ import itertools
 import json
 import math
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -1326,3 +1329,224 @@ def test_mesh_cli_tiny_end_to_end(tmp_path):
     gltf, arrays, png = read_glb(folder / "mesh.glb")
     assert len(obj["f"]) > 0 and len(arrays["indices"]) == 3 * len(obj["f"])
     assert json.loads((out / "config.json").read_text())["mesh"] is True
+
+
+# -----------------------------------------------------------------------------
+# Issue 5: VSD particles over processes with torch.distributed (gloo on CPU), started by torchrun.
+#
+# One torchrun launch (2 processes) runs prolific.main several times through a small driver script, so
+# that the imports and the tiny SD are paid for once. The driver shrinks the NeRF's hash grid and sample
+# counts (the run's config.json records them, so --resume sees the same values) and keeps a handle on
+# each eps_phi that make_eps_phi builds, to save every rank's weights itself: the check that the ranks
+# agree does not go through the checkpoint code it is testing. CPU only, no network.
+
+
+DRIVER = """
+
+OUT, RANK = {out!r}, int(os.environ["RANK"])
+SMALL = dict(grid_levels=4, grid_log2_table=12, grid_max_resolution=64, n_samples=8, n_importance=4)
+
+
+def small_config(args, config_from_args=P.config_from_args):
+    cfg = config_from_args(args)
+    for k, v in SMALL.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+made = []
+def keep_eps_phi(*args, make_eps_phi=P.make_eps_phi):
+    net, opt = make_eps_phi(*args)
+    made.append(net)
+    return net, opt
+
+
+calls = [0]
+sample_cameras = P.sample_cameras
+def stop_at_step_3(*args):  # Ctrl-C on every rank at step 3
+    calls[0] += 1
+    if calls[0] == 3:
+        raise KeyboardInterrupt
+    return sample_cameras(*args)
+
+
+# main joins the process group and leaves it at the end; in production it runs once per process. Here
+# it runs five times, and a gloo group made again in the same processes can race on torchrun's store
+# (stale addresses), so the driver keeps the first group until it is done.
+join, leave = P.dist.init_process_group, P.dist.destroy_process_group
+P.dist.init_process_group = lambda *a, **k: None if P.dist.is_initialized() else join(*a, **k)
+P.dist.destroy_process_group = lambda *a, **k: None
+P.config_from_args, P.make_eps_phi = small_config, keep_eps_phi
+codes = {{}}
+def run(name, *argv):
+    made.clear()
+    codes[name] = P.main(list(argv))
+    if made:
+        weights = {{n: p.detach().clone() for n, p in made[-1].named_parameters() if p.requires_grad}}
+        torch.save(weights, os.path.join(OUT, f"{{name}}_eps_phi_rank{{RANK}}.pt"))
+
+
+common = ["a blue tulip", "--model", "tiny", "--resolution", "16", "--save-every", "2", "--preview-every", "2"]
+run("straight", *common, "--steps", "4", "--particles", "2", "--out", os.path.join(OUT, "straight"))
+P.sample_cameras = stop_at_step_3
+run("interrupted", *common, "--steps", "4", "--particles", "2", "--out", os.path.join(OUT, "resumed"))
+P.sample_cameras = sample_cameras
+run("resumed", "--resume", os.path.join(OUT, "resumed"))
+run("2d", "a hamburger", "--2d", "--model", "tiny", "--steps", "3", "--particles", "4", "--preview-every", "2",
+    "--out", os.path.join(OUT, "2d"))
+run("odd", "a blue tulip", "--model", "tiny", "--particles", "3", "--out", os.path.join(OUT, "odd"))
+with open(os.path.join(OUT, f"codes_rank{{RANK}}.json"), "w") as f:
+    json.dump(codes, f)
+leave()
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run the driver in 2 processes; returns (folder, stderr, the ranks' exit codes per run, stdout)."""
+    out = str(tmp_path_factory.mktemp("distributed"))
+    driver = os.path.join(out, "driver.py")
+    with open(driver, "w") as f:
+        f.write(DRIVER.format(here=HERE, out=out))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), driver],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:  # a hung rank must not outlive the test: end torchrun and its workers, all in one session
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    codes = [json.load(open(os.path.join(out, f"codes_rank{r}.json"))) for r in range(2)]
+    return out, stderr, codes, stdout
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            assert_same(a[k], b[k])
+        else:
+            assert a[k] == b[k], k
+
+
+def test_distributed_eps_phi_identical_on_all_ranks(two_ranks):
+    """After training, both ranks hold bit-identical eps_phi (LoRA + camera MLP), and it has moved away
+    from the broadcast start, so the averaged gradient steps really happened, in stage 1 and in 2D."""
+    out = two_ranks[0]
+    for run in ("straight", "2d"):
+        w0, w1 = (load(os.path.join(out, f"{run}_eps_phi_rank{r}.pt")) for r in range(2))
+        assert len(w0) > 0
+        assert_same(w0, w1)
+    saved = load(os.path.join(out, "straight", "checkpoint.pt"))["eps_phi"]
+    assert_same(saved, load(os.path.join(out, "straight_eps_phi_rank0.pt")))
+
+
+def test_distributed_outputs_for_every_particle(two_ranks):
+    """Turntables of particle0 and particle1 (one per rank), one preview strip of both, one log, and a
+    checkpoint holding both particles, with each rank's own (different) initialisation and RNG state."""
+    out, stderr, codes, stdout = two_ranks
+    run = os.path.join(out, "straight")
+    for k in range(2):
+        assert any(f.startswith("turntable.") for f in os.listdir(os.path.join(run, f"particle{k}")))
+        assert len(os.listdir(os.path.join(run, f"particle{k}", "frames"))) == 36
+    assert not os.path.exists(os.path.join(run, "particle2"))
+    assert sorted(os.listdir(os.path.join(run, "previews"))) == ["step_000002.png", "step_000004.png"]
+    from PIL import Image
+    assert Image.open(os.path.join(run, "previews", "step_000004.png")).size == (2 * 128, 2 * 128)
+    ckpt = load(os.path.join(run, "checkpoint.pt"))
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2
+    assert len(ckpt["particles"]) == 2 and len(ckpt["optims"]) == 2 and len(ckpt["rng"]) == 2
+    first, second = ckpt["particles"]
+    assert first.keys() == second.keys() and not all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+    assert json.load(open(os.path.join(run, "config.json")))["particles"] == 2
+    assert codes[0]["straight"] == codes[1]["straight"] == 0
+    assert stdout.count("device cpu") == 4  # rank 0 alone announces: straight, interrupted, resumed, 2d
+
+    two_d = os.path.join(out, "2d")
+    particles = load(os.path.join(two_d, "particles.pt"))
+    assert particles.shape[0] == 4
+    assert len({tuple(p.flatten()[:4].tolist()) for p in particles}) == 4  # 4 different particles
+    assert os.path.exists(os.path.join(two_d, "particles.png"))
+    assert os.path.exists(os.path.join(two_d, "preview_000002.png"))
+
+
+def test_distributed_resume_continues_exactly(two_ranks):
+    """Ctrl-C at step 3 on both ranks: exit 130, no hang, the step-2 checkpoint is kept. --resume with
+    the same 2 processes then finishes bit-identical to the run that was never interrupted."""
+    out, _, codes, _ = two_ranks
+    assert codes[0]["interrupted"] == codes[1]["interrupted"] == 130
+    assert codes[0]["resumed"] == codes[1]["resumed"] == 0
+    straight = load(os.path.join(out, "straight", "checkpoint.pt"))
+    resumed = load(os.path.join(out, "resumed", "checkpoint.pt"))
+    assert resumed["step"] == 4
+    for a, b in zip(straight["particles"] + straight["optims"], resumed["particles"] + resumed["optims"]):
+        assert_same(a, b)
+    assert_same(straight["eps_phi"], resumed["eps_phi"])
+    for k in range(2):
+        assert os.path.exists(os.path.join(out, "resumed", f"particle{k}", "frames", "frame_035.png"))
+
+
+def test_distributed_particles_must_split_evenly(two_ranks):
+    """--particles 3 over 2 processes: exit code 2 on both ranks, one line of error (from rank 0 alone),
+    before any run folder is made."""
+    out, stderr, codes, _ = two_ranks
+    assert codes[0]["odd"] == codes[1]["odd"] == 2
+    lines = [line for line in stderr.splitlines() if "prolific.py: error" in line]
+    assert lines == ["prolific.py: error: --particles 3 does not split over 2 processes; use a multiple of 2"]
+    assert not os.path.exists(os.path.join(out, "odd"))
+
+
+def test_distributed_resume_needs_the_same_number_of_processes(two_ranks, capsys):
+    """A plain single-process --resume of a 2-process run: one line, exit code 2, no process group."""
+    out = two_ranks[0]
+    assert P.main(["--resume", os.path.join(out, "straight")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prolific.py")]
+    assert err == [f"prolific.py: error: {os.path.join(out, 'straight')} was trained by 2 process(es); resume it "
+                   f"with the same number (torchrun --nproc_per_node 2), not 1"]
+    assert not torch.distributed.is_initialized()
+
+
+def test_distributed_cli_2d_under_torchrun(tmp_path):
+    """The command line itself, no driver: `torchrun --nproc_per_node 2 prolific.py ... --2d` joins and
+    leaves a real gloo group, both ranks exit 0, rank 0 alone prints and writes all 4 particles."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), os.path.join(HERE, "prolific.py"),
+                           "a hamburger", "--2d", "--model", "tiny", "--steps", "2", "--particles", "4",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote") == 1 and proc.stdout.count("device cpu") == 1
+    assert load(tmp_path / "run" / "particles.pt").shape == (4, 4, 8, 8)
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "particles.png", "particles.pt"]
+
+
+def test_distributed_helpers_do_nothing_without_torchrun():
+    """A plain run has rank 0 of 1, no process group, and the helpers are identities."""
+    assert "WORLD_SIZE" not in os.environ and P.world() == (0, 1)
+    net = torch.nn.Linear(2, 2)
+    net.trainable = lambda: list(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    grad = net.weight.grad.clone()
+    P.all_reduce_grads(net)
+    P.broadcast_params(net)
+    assert torch.equal(net.weight.grad, grad)
+    x = torch.randn(3, 4)
+    assert P.gather_cat(x) is x and P.gather_lists([x])[0].equal(x)
+    assert not torch.distributed.is_initialized()
