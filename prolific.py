@@ -996,9 +996,10 @@ def periodic_outputs(out, step, cfg, particles, optims, eps_phi, opt_phi, loss, 
 
 
 @torch.no_grad()
-def save_preview(particles, cfg, path, size=128):
-    """Each particle seen from the front: colour above depth. Each rank renders its own particles;
-    rank 0 writes all of them side by side."""
+def save_preview(particles, cfg, path):
+    """Each particle seen from the front at up to 128 px: colour above depth. Each rank renders its own
+    particles; rank 0 writes all of them side by side."""
+    size = min(cfg.resolution, 128)
     device = next(particles[0].parameters()).device
     cam = turntable_cameras(1, cfg, device)
     rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 1)

@@ -1342,6 +1342,10 @@ def test_mesh_cli_tiny_end_to_end(tmp_path):
 
 
 DRIVER = """
+import json, os, sys
+import torch
+sys.path.insert(0, {here!r})
+import prolific as P
 
 OUT, RANK = {out!r}, int(os.environ["RANK"])
 SMALL = dict(grid_levels=4, grid_log2_table=12, grid_max_resolution=64, n_samples=8, n_importance=4)
