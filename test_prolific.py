@@ -1471,8 +1471,8 @@ def test_distributed_outputs_for_every_particle(two_ranks):
         assert len(os.listdir(os.path.join(run, f"particle{k}", "frames"))) == 36
     assert not os.path.exists(os.path.join(run, "particle2"))
     assert sorted(os.listdir(os.path.join(run, "previews"))) == ["step_000002.png", "step_000004.png"]
-    from PIL import Image
-    assert Image.open(os.path.join(run, "previews", "step_000004.png")).size == (2 * 128, 2 * 128)
+    # both particles side by side, colour above depth, at the training resolution (16)
+    assert Image.open(os.path.join(run, "previews", "step_000004.png")).size == (2 * 16, 2 * 16)
     ckpt = load(os.path.join(run, "checkpoint.pt"))
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2
     assert len(ckpt["particles"]) == 2 and len(ckpt["optims"]) == 2 and len(ckpt["rng"]) == 2
