@@ -182,10 +182,10 @@ def tiny_sd(seed=0):
     Its pictures are noise; it exists so that everything runs on a CPU with no download."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    folder = tempfile.mkdtemp(prefix="tiny-sd-")
-    vocab_size = write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                              model_max_length=16)
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as folder:  # read at once, then removed
+        vocab_size = write_tiny_tokenizer(folder)
+        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                  model_max_length=16)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -200,10 +200,10 @@ def random_sd21(seed=0):
     for measuring speed and memory. UNet 866M parameters, OpenCLIP-ViT-H-shaped text encoder, SD's VAE."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    folder = tempfile.mkdtemp(prefix="random-sd21-")
-    vocab_size = write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                              model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="random-sd21-") as folder:
+        vocab_size = write_tiny_tokenizer(folder)
+        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                  model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
@@ -1388,7 +1388,8 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=N
             vertices, faces = dmtet()
             camera = sample_cameras(1, cfg, device)
             r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
-            x0 = prior.encode(normal_image(r, torch.ones(1, 3, device=device)))  # normals over white
+            image = normal_image(r, torch.ones(1, 3, device=device))          # (1, 3, H, W) normals over white
+            x0 = prior.encode(image)
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera)      # SDS, Eq. (3)
             consistency, laplacian = mesh_regularisers(vertices, faces)
@@ -1398,6 +1399,8 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=N
             loss.backward()
             opt.step()
             bar_info(bar, loss=f"{loss.item():.3g}", t=int(t), faces=len(faces))
+            if out is not None and (step + 1) % cfg.preview_every == 0:
+                save_image(image[0], os.path.join(out, "previews", f"geometry_{step + 1:06d}.png"))
             if out is not None and (step + 1) % cfg.save_every == 0:
                 save_mesh_checkpoint(out, 2, step + 1, dmtet, None, opt, None, None, rng_state())
     except KeyboardInterrupt:
@@ -1435,7 +1438,8 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
             with torch.no_grad():
                 r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
             bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else torch.ones(1, 3, device=device)
-            x0 = prior.encode(texture_image(tex, r, bg))
+            image = texture_image(tex, r, bg)                                 # (1, 3, H, W)
+            x0 = prior.encode(image)
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # VSD, Eq. (9)
             loss = surrogate_loss(x0, g)
@@ -1450,6 +1454,8 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
                 loss_phi.backward()
                 opt_phi.step()
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t))
+            if out is not None and (step + 1) % cfg.preview_every == 0:
+                save_image(image[0], os.path.join(out, "previews", f"texture_{step + 1:06d}.png"))
             if out is not None and (step + 1) % cfg.save_every == 0:
                 save_mesh_checkpoint(out, 3, step + 1, dmtet, tex, opt, eps_phi, opt_phi, rng_state())
     except KeyboardInterrupt:
@@ -1957,9 +1963,9 @@ def save_grid(images, path):
 
 def save_image(image, path):
     """(3, H, W) in [0,1] -> PNG, written to a temp file and renamed so a crash never leaves half a file."""
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.png"
-    Image.fromarray(arr).save(tmp)
+    to_pil(image.detach()).save(tmp)
     os.replace(tmp, path)
 
 

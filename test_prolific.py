@@ -1319,7 +1319,8 @@ def test_mesh_stage_without_surface_gives_a_clear_message():
 
 def test_mesh_cli_tiny_end_to_end(tmp_path):
     out = tmp_path / "tulip"
-    r = run_cli("a blue tulip", "--model", "tiny", "--steps", "2", "--resolution", "32", "--out", str(out))
+    r = run_cli("a blue tulip", "--model", "tiny", "--steps", "2", "--resolution", "32", "--preview-every", "2",
+                "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("--mesh", "--resume", str(out), "--geometry-steps", "2", "--texture-steps", "2", "--tet-resolution", "24",
                 "--texture-size", "256")
@@ -1328,6 +1329,7 @@ def test_mesh_cli_tiny_end_to_end(tmp_path):
     obj = read_obj(folder)
     gltf, arrays, png = read_glb(folder / "mesh.glb")
     assert len(obj["f"]) > 0 and len(arrays["indices"]) == 3 * len(obj["f"])
+    assert (folder / "previews" / "geometry_000002.png").exists() and (folder / "previews" / "texture_000002.png").exists()
     assert json.loads((out / "config.json").read_text())["mesh"] is True
 
 
