@@ -1790,7 +1790,7 @@ def write_glb(path, vertices, faces, uv, texture_image):
 # 11. Points and 2D: Algorithm 1 with the identity render g(theta) = theta
 
 
-def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr=1.0, progress=False):
+def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr=3.0, progress=False):
     """Algorithm 1 on n points in R^dim (the prior's encode must accept (n, dim)). Returns (n, dim).
 
     Theorem 2: VSD's particles follow a Wasserstein gradient flow whose stationary distribution is the
