@@ -1909,29 +1909,40 @@ def run_2d(cfg, out, device):
     theta = torch.randn(n, 4, size, size, device=device).requires_grad_(True)  # (n, 4, h, w) SD latents
     opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
     bar = progress_bar(range(cfg.steps_2d), rank == 0, desc=f"2D {cfg.method}")
-    for step in bar:
-        idx = torch.randperm(n, device=device)[:cfg.batch_2d]
-        x0 = theta[idx]                                           # (b, 4, h, w)
-        t = sample_t(len(idx), *t_range(step, cfg, cfg.anneal_step), device)
-        g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)
-        opt.zero_grad()
-        surrogate_loss(x0, g).backward()
-        opt.step()
-        loss_phi = torch.zeros(())
-        if eps_phi is not None:                                   # Eq. (8) on the updated latents
-            loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
-            opt_phi.zero_grad()
-            loss_phi.backward()
-            all_reduce_grads(eps_phi)                             # mean over the ranks
-            opt_phi.step()
-        bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
-        if (step + 1) % cfg.preview_every == 0:
-            preview = gather_cat(theta.detach()[:16])[:16]
-            if rank == 0:
-                save_grid(prior.decode(preview), os.path.join(out, f"preview_{step + 1:06d}.png"))
-            log(out, f"step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
-    theta = gather_cat(theta.detach())                            # (P, 4, h, w): every rank's particles
-    if rank == 0:
+    step = 0
+    try:
+        for step in bar:
+            idx = torch.randperm(n, device=device)[:cfg.batch_2d]
+            x0 = theta[idx]                                           # (b, 4, h, w)
+            t = sample_t(len(idx), *t_range(step, cfg, cfg.anneal_step), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)
+            opt.zero_grad()
+            surrogate_loss(x0, g).backward()
+            opt.step()
+            loss_phi = torch.zeros(())
+            if eps_phi is not None:                                   # Eq. (8) on the updated latents
+                loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
+                opt_phi.zero_grad()
+                loss_phi.backward()
+                all_reduce_grads(eps_phi)                             # mean over the ranks
+                opt_phi.step()
+            bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
+            if (step + 1) % cfg.preview_every == 0:
+                preview = gather_cat(theta.detach()[:16])[:16]
+                if rank == 0:
+                    save_grid(prior.decode(preview), os.path.join(out, f"preview_{step + 1:06d}.png"))
+                log(out, f"step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
+    except KeyboardInterrupt:  # keep the particles so far (torchrun ranks cannot meet to gather them)
+        if world()[1] == 1:
+            save_particles(prior, theta.detach(), out)
+            print(f"\ninterrupted at step {step}; the particles so far are in {out}", file=sys.stderr)
+        raise
+    save_particles(prior, gather_cat(theta.detach()), out)                # (P, 4, h, w): every rank's
+
+
+def save_particles(prior, theta, out):
+    """particles.png (decoded, as a grid) and particles.pt (the latents), on rank 0."""
+    if world()[0] == 0:
         save_grid(prior.decode(theta), os.path.join(out, "particles.png"))
         torch.save(theta.cpu(), os.path.join(out, "particles.pt"))
 
@@ -2199,6 +2210,8 @@ def run_nerf(cfg, out, device, resume=False):
 
 
 def load_config(out):
+    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise UserError(f"--resume {out}: no checkpoint.pt there (stage-1 and mesh runs can be resumed, 2D runs not)")
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:

@@ -1387,6 +1387,10 @@ codes = {{}}
 def run(name, *argv):
     made.clear()
     codes[name] = P.main(list(argv))
+    # A Ctrl-C leaves each rank wherever it was (in production the processes then end); here they go on
+    # to the next run in the same process group, so meet first, or one rank's next collective would pair
+    # with another's unfinished one.
+    P.dist.barrier()
     if made:
         weights = {{n: p.detach().clone() for n, p in made[-1].named_parameters() if p.requires_grad}}
         torch.save(weights, os.path.join(OUT, f"{{name}}_eps_phi_rank{{RANK}}.pt"))
@@ -1556,3 +1560,43 @@ def test_distributed_helpers_do_nothing_without_torchrun():
     x = torch.randn(3, 4)
     assert P.gather_cat(x) is x and P.gather_lists([x])[0].equal(x)
     assert not torch.distributed.is_initialized()
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C on the command line: nothing is lost
+
+
+def interrupt_when(path, args, timeout=120):
+    """Start prolific.py, send SIGINT once `path` exists; returns (exit code, stderr)."""
+    import time
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "prolific.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    start = time.time()
+    while not path.exists() and proc.poll() is None and time.time() - start < timeout:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_ctrl_c_in_2d_keeps_the_particles(tmp_path):
+    out = tmp_path / "run"
+    code, err = interrupt_when(out / "preview_000002.png", ["a hamburger", "--2d", "--model", "tiny", "--steps",
+                               "100000", "--particles", "2", "--preview-every", "2", "--out", str(out)])
+    assert code == 130 and "Traceback" not in err, err
+    assert (out / "particles.png").exists() and torch.load(out / "particles.pt").shape == (2, 4, 8, 8)
+
+
+def test_ctrl_c_in_stage1_writes_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    code, err = interrupt_when(out / "previews" / "step_000002.png", ["a blue tulip", "--model", "tiny", "--steps",
+                               "100000", "--resolution", "16", "--preview-every", "2", "--out", str(out)])
+    assert code == 130 and "Traceback" not in err, err
+    assert "--resume" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] >= 2
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    r = run_cli("--resume", str(tmp_path))
+    assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
