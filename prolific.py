@@ -9,7 +9,8 @@ Paper: Wang et al., "ProlificDreamer: High-Fidelity and Diverse Text-to-3D Gener
 Score Distillation", NeurIPS 2023. Equation numbers below refer to it.
 
 The file reads in pipeline order: config -> diffusion priors -> SDS/VSD -> eps_phi -> cameras -> field ->
-volume rendering -> stage 1 -> mesh stages -> export -> points and 2D modes -> command line.
+volume rendering -> (many GPUs) -> stage 1 -> rasteriser -> mesh stages -> export -> points and 2D modes ->
+command line. The hash grid lives in hashgrid.py, marching tetrahedra and DMTet in marching_tets.py.
 Letters used in shape comments: B batch, C channels, H/W height/width, N points or rays, S samples per
 ray, d point dimension, n particles.
 """

@@ -997,8 +997,20 @@ def test_toy_end_to_end(tmp_path):
     ["x", "--steps", "ten"], ["x", "--bogus"], ["x", "--method", "foo"], ["x", "--method", "ancestral"],
     ["x", "--toy", "--2d"],
 ])
-def test_bad_input_exits_2_with_one_line(args):
-    r = run_cli(*args)
+def test_bad_input_exits_2_with_one_line(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (in process, to keep the suite fast; the next test runs the real program)
+    try:
+        code = P.main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_bad_input_from_the_real_program():
+    r = run_cli("   ", "--steps", "3")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
