@@ -1003,7 +1003,7 @@ def save_preview(particles, cfg, path):
     size = min(cfg.resolution, 128)
     device = next(particles[0].parameters()).device
     cam = turntable_cameras(1, cfg, device)
-    rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 1)
+    rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
             for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
     image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
     if world()[0] == 0:
@@ -1011,11 +1011,14 @@ def save_preview(particles, cfg, path):
         save_image(image, path)
 
 
-def depth_image(depth, cfg):
-    """(1, H, W) depth -> (3, H, W) grey in [0,1], near is bright, empty is black."""
+def depth_image(depth, opacity, cfg):
+    """(1, H, W) depth and opacity -> (3, H, W) grey in [0,1]: near is bright; pixels less than half
+    opaque are black (the composited depth is sum w_i z_i, so divide by the opacity sum w_i)."""
     lo, hi = camera_distance(cfg)
     span = lo + hi  # a generous range: depths run from ~0 to the far side of the box
-    return ((span - depth) / span * (depth > 0)).clamp(0, 1).expand(3, -1, -1)
+    solid = opacity > 0.5
+    depth = depth / opacity.clamp(min=1e-6)
+    return ((span - depth) / span * solid).clamp(0, 1).expand(3, -1, -1)
 
 
 @torch.no_grad()
@@ -1028,7 +1031,7 @@ def write_turntable(field, cfg, folder, frames=36, size=None):
     images = []
     for k in range(frames):
         r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance)
-        frame = torch.cat([r["rgb"][0], depth_image(r["depth"][0], cfg)], 2)
+        frame = torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2)
         save_image(frame, os.path.join(folder, "frames", f"frame_{k:03d}.png"))
         images.append(Image.open(os.path.join(folder, "frames", f"frame_{k:03d}.png")).convert("RGB"))
     save_animation(images, os.path.join(folder, "turntable"))
