@@ -26,7 +26,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +235,7 @@ def load_sd(model, dtype):
     if model in RANDOM_MODELS:
         parts = RANDOM_MODELS[model][0]()
         return [m.to(dtype) if isinstance(m, nn.Module) and dtype != torch.float32 else m for m in parts]
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
     local = os.path.isdir(model)
     if not local and (model.startswith((".", "/", "~")) or model.count("/") != 1):

@@ -11,8 +11,6 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
