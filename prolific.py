@@ -156,15 +156,20 @@ class GaussianMixturePrior:
         return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
 
 
-def write_tiny_tokenizer(folder):
-    """A CLIP BPE tokenizer over single characters, written at run time (no download)."""
+def char_tokenizer(max_length):
+    """A CLIP BPE tokenizer over single characters, from files written to a temporary folder at run time
+    and removed once read (no download). Returns the tokenizer and its vocabulary size."""
+    from transformers import CLIPTokenizer
     chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?"
     tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({tok: i for i, tok in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return len(tokens)
+    with tempfile.TemporaryDirectory(prefix="char-tokenizer-") as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump({tok: i for i, tok in enumerate(tokens)}, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                  model_max_length=max_length)
+    return tokenizer, len(tokens)
 
 
 def tiny_unet(prediction_type="epsilon", seed=0):
@@ -182,11 +187,8 @@ def tiny_sd(seed=0):
     """A tiny random Stable Diffusion built from configs: same classes and code path as the real one.
     Its pictures are noise; it exists so that everything runs on a CPU with no download."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as folder:  # read at once, then removed
-        vocab_size = write_tiny_tokenizer(folder)
-        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                  model_max_length=16)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer, vocab_size = char_tokenizer(16)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -200,11 +202,8 @@ def random_sd21(seed=0):
     """Stable Diffusion 2.1-base's architecture with random weights, built from configs (no download):
     for measuring speed and memory. UNet 866M parameters, OpenCLIP-ViT-H-shaped text encoder, SD's VAE."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    with tempfile.TemporaryDirectory(prefix="random-sd21-") as folder:
-        vocab_size = write_tiny_tokenizer(folder)
-        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                  model_max_length=77)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer, vocab_size = char_tokenizer(77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
@@ -525,13 +524,13 @@ class SmallScore(nn.Module):
         return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t, camera), eps)
 
 
-def make_eps_phi(prior, cfg, x0_shape, device):
-    """LoRA for Stable Diffusion, a small from-scratch network for any other prior. Returns the
-    network and its optimiser (lr 1e-4 for LoRA, App. F)."""
+def make_eps_phi(prior, cfg, device):
+    """LoRA for Stable Diffusion, a small from-scratch network for any other prior (shaped like the x0 of
+    one cfg.resolution render). Returns the network and its optimiser (lr 1e-4 for LoRA, App. F)."""
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
         return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=0.0)
-    net = SmallScore(x0_shape, cfg.camera_dropout).to(device)
+    net = SmallScore(probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
     return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
 
 
@@ -922,8 +921,7 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
     torch.manual_seed(cfg.seed)
     eps_phi, opt_phi = None, None
     if cfg.method == "vsd":
-        x0_shape = None if isinstance(prior, StableDiffusionPrior) else probe_shape(prior, cfg, device)
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, x0_shape, device)
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
         broadcast_params(eps_phi)                                            # one eps_phi on all ranks
     torch.manual_seed(cfg.seed + 1000 * rank)                                # this rank's own random stream
     particles = [NeRFField(cfg).to(device) for _ in my_particles(cfg)]
@@ -1061,10 +1059,21 @@ def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
              "optims": gather_lists([o.state_dict() for o in optims]), "rng": gather_lists([rng])}
     if world()[0] != 0:
         return
+    atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
+
+
+def eps_phi_state(eps_phi, opt_phi):
+    """eps_phi's trainable weights only (LoRA and camera MLP, not the frozen UNet) and its optimiser."""
+    if eps_phi is None:
+        return {}
+    return {"eps_phi": {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad},
+            "opt_phi": opt_phi.state_dict()}
+
+
+def load_eps_phi_state(state, eps_phi, opt_phi):
     if eps_phi is not None:
-        state["eps_phi"] = {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad}
-        state["opt_phi"] = opt_phi.state_dict()
-    atomic_save(state, os.path.join(out, "checkpoint.pt"))
+        eps_phi.load_state_dict(state["eps_phi"], strict=False)
+        opt_phi.load_state_dict(state["opt_phi"])
 
 
 def atomic_save(state, path):
@@ -1087,9 +1096,7 @@ def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
         f.load_state_dict(s)
     for o, s in zip(optims, state["optims"][mine]):
         o.load_state_dict(s)
-    if eps_phi is not None:
-        eps_phi.load_state_dict(state["eps_phi"], strict=False)
-        opt_phi.load_state_dict(state["opt_phi"])
+    load_eps_phi_state(state, eps_phi, opt_phi)
     rng = state["rng"][rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None:
@@ -1425,13 +1432,10 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
                              {"params": tex.color_mlp.parameters(), "lr": cfg.mlp_lr}], betas=(0.9, 0.99), eps=1e-15)
     eps_phi, opt_phi = None, None
     if cfg.method == "vsd":
-        x0_shape = None if isinstance(prior, StableDiffusionPrior) else probe_shape(prior, cfg, device)
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, x0_shape, device)
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
     if state is not None:
         opt.load_state_dict(state["opt"])
-        if eps_phi is not None:
-            eps_phi.load_state_dict(state["eps_phi"], strict=False)
-            opt_phi.load_state_dict(state["opt_phi"])
+        load_eps_phi_state(state, eps_phi, opt_phi)
     bar = progress_bar(range(start, cfg.texture_steps), progress, desc="stage 3 texture", initial=start,
                        total=cfg.texture_steps)
     step, rng = start, rng_state()
@@ -1471,10 +1475,7 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
 
 def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rng):
     state = {"stage": stage, "step": step, "dmtet": dmtet.state_dict(), "opt": opt.state_dict(), "rng": rng,
-             "tex": None if tex is None else tex.state_dict()}
-    if eps_phi is not None:
-        state["eps_phi"] = {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad}
-        state["opt_phi"] = opt_phi.state_dict()
+             "tex": None if tex is None else tex.state_dict(), **eps_phi_state(eps_phi, opt_phi)}
     atomic_save(state, os.path.join(out, "mesh_checkpoint.pt"))
 
 
@@ -1902,7 +1903,7 @@ def run_2d(cfg, out, device):
     n, size = len(my_particles(cfg)), prior.unet.config.sample_size  # this rank's n
     eps_phi, opt_phi = None, None
     if cfg.method == "vsd":
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, (n, 4, size, size), device)
+        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
         broadcast_params(eps_phi)                                 # one eps_phi on all ranks
     torch.manual_seed(cfg.seed + 1000 * rank)                     # this rank's own random stream
     if cfg.method == "ancestral":
