@@ -2130,6 +2130,8 @@ def main(argv=None):
             out = make_run_folder(args.out, slug(cfg.prompt))
             save_config(cfg, out)
             run_nerf(cfg, out, device)
+        if dist.is_initialized():  # leave together: a rank that tears down gloo while another still
+            dist.barrier()         # writes its outputs can abort ("terminate called without an active exception")
     except UserError as e:
         if world()[0] == 0:  # under torchrun every rank meets the same error: say it once
             print(f"prolific.py: error: {e}", file=sys.stderr)
