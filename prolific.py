@@ -724,7 +724,7 @@ def render_rays(field, o, d, z, near, far, background):
     sigma, rgb = field((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3))
     w, color, opacity, depth = composite(sigma.view(n, s), rgb.view(n, s, 3), z, near, far)
     bg = field.background_color(d) if background is None else background
-    return color + (1 - opacity) * bg, opacity, depth
+    return color + (1 - opacity) * bg, opacity, depth, w
 
 
 def render(field, camera, height, width, background=None, n_samples=64, n_importance=32, chunk=1 << 15, depths=None):
@@ -741,7 +741,7 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
         sl = slice(k, k + chunk)
         z = depths[sl] if depths is not None else sample_depths(field, o[sl], d[sl], near[sl], far[sl],
                                                                 n_samples, n_importance)
-        rgb, opacity, depth = render_rays(field, o[sl], d[sl], z, near[sl], far[sl], None if bg is None else bg[sl])
+        rgb, opacity, depth, _ = render_rays(field, o[sl], d[sl], z, near[sl], far[sl], None if bg is None else bg[sl])
         for key, v in zip(out, (rgb, opacity, depth, z)):
             out[key].append(v)
     image = lambda key, c: torch.cat(out[key]).view(b, height, width, c).permute(0, 3, 1, 2)
@@ -750,7 +750,15 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
 
 
 
-def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, chunk=1 << 15):
+def opacity_regularisers(w, opacity, n, cfg, step):
+    """Stage-1 regularisers on one chunk of rays, scaled so that the chunks of an n-ray image add up to
+    means over the image. w (N, S) compositing weights, opacity (N, 1)."""
+    a = opacity.clamp(1e-5, 1 - 1e-5)
+    entropy = -(a * a.log() + (1 - a) * (1 - a).log()).sum() / n               # push opacity to 0 or 1
+    return cfg.lambda_entropy * entropy + cfg.lambda_sparsity * opacity.sum() / n
+
+
+def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, step=0, chunk=1 << 15):
     """Deferred back-propagation through the renderer. The first, gradient-free render gave the image;
     the prior gave dL/d(image) = grad_rgb (B,3,H,W). Re-render the same samples chunk by chunk with
     autograd and call backward(grad) on each chunk: the parameter gradients add up to exactly those of
@@ -762,11 +770,9 @@ def backward_through_render(field, camera, size, first, grad_rgb, background, cf
     n = len(o)
     for k in range(0, n, chunk):
         sl = slice(k, k + chunk)
-        rgb, opacity, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], near[sl], far[sl],
-                                      None if bg is None else bg[sl])
-        a = opacity.clamp(1e-5, 1 - 1e-5)
-        entropy = -(a * a.log() + (1 - a) * (1 - a).log()).sum() / n           # push opacity to 0 or 1
-        loss = (rgb * g[sl]).sum() + cfg.lambda_entropy * entropy + cfg.lambda_sparsity * opacity.sum() / n
+        rgb, opacity, _, w = render_rays(field, o[sl], d[sl], first["depths"][sl], near[sl], far[sl],
+                                         None if bg is None else bg[sl])
+        loss = (rgb * g[sl]).sum() + opacity_regularisers(w, opacity, n, cfg, step)
         loss.backward()
 
 
@@ -947,7 +953,7 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
             check_finite(loss, step)
             loss.backward()                                                  # image.grad = dL/dx
             opt.zero_grad()
-            backward_through_render(field, camera, size, first, image.grad, bg, cfg)
+            backward_through_render(field, camera, size, first, image.grad, bg, cfg, step)
             opt.step()
             loss_phi = torch.zeros(())
             if eps_phi is not None:                                          # Eq. (8): LoRA step
