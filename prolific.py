@@ -61,9 +61,12 @@ class Config:
     t_max: float = 0.98
     t_max_annealed: float = 0.50
     anneal_step: int = 5000         # App. F: 5k steps (10k for scenes, see anneal_at())
-    # the variational score eps_phi (Sec. 3.2, App. F)
+    # the variational score eps_phi (Sec. 3.2, App. F); README "Settings" compares every value below with the
+    # authors' code (thu-ml/prolificdreamer) and threestudio, the two implementations run on real SD
     lora_rank: int = 4
     lora_lr: float = 1e-4
+    lora_weight_decay: float = 1e-2 # AdamW's default decay, as both references use
+    lora_warmup: int = 500          # linear lr warm-up over the first 500 steps (authors, nerf/utils.py)
     camera_dropout: float = 0.1     # camera dropped 10% of the time, as classifier-free training
     # stage 1: NeRF (Sec. 4.2, App. F)
     steps: int = 25000              # App. F: 25k steps per particle
@@ -72,24 +75,26 @@ class Config:
     warmup_steps: int = 5000
     init: str = "object"            # object | scene | scene+object (Sec. 4.2)
     grid_levels: int = 16           # App. F / Instant-NGP: 16 levels x 2 features, table 2^19,
-    grid_log2_table: int = 19       # resolutions 16 .. 2048 (the authors' finest level)
+    grid_log2_table: int = 19       # resolutions 16 .. 2048 per unit of bound (the authors' 2048 x bound)
     grid_max_resolution: int = 2048
     grid_lr: float = 1e-2           # App. F: hash grid lr 0.01
-    mlp_lr: float = 1e-2            # MLP decoders and background (not in the paper; see README)
+    mlp_lr: float = 1e-3            # MLP decoders and background: 1e-3 in both references
     n_samples: int = 64             # App. F: 64 coarse + 32 fine samples per ray
     n_importance: int = 32
     random_background: float = 0.5  # probability of a random solid colour instead of the background MLP
-    lambda_entropy: float = 1e-3    # push ray opacity to 0 or 1 (threestudio-style regulariser)
-    lambda_sparsity: float = 1e-4   # discourage floaters: mean opacity
+    # opacity regularisers, means over the image's pixels (threestudio, configs/prolificdreamer.yaml)
+    lambda_sparsity: float = 10.0   # sqrt(opacity^2 + 0.01): against fog and floaters
+    lambda_opaque: float = 1000.0   # binary entropy of opacity: every pixel to 0 or 1 ...
+    opaque_start: int = 10000       # ... from step 10k on
     # stages 2-3: mesh (Sec. 4.1, App. F)
     mesh: bool = False              # run stages 2-3 after stage 1
     geometry_steps: int = 15000     # App. F: 15k steps of geometry, 30k of texture
     texture_steps: int = 30000
     tet_resolution: int = 128       # DMTet grid: 128^3 cubes, 6 tetrahedra each
-    mesh_threshold: float = 5.0     # density at the surface (sdf = threshold - sigma); the initial blob has 10 at its centre
-    mesh_lr: float = 1e-2           # Adam on the DMTet's sdf and deformation
-    lambda_normal_consistency: float = 1e3  # our weights for the two mesh regularisers
-    lambda_laplacian: float = 1e3
+    mesh_threshold: float = 2.5     # DMTet iso-level, sdf = threshold - sigma (authors: density_thresh 0.1 x 25)
+    mesh_lr: float = 5e-3           # Adam on the DMTet's sdf and deformation (both references: 0.005)
+    lambda_normal_consistency: float = 5000.0  # stage-2 regularisers of the authors' run.sh and main.py
+    lambda_laplacian: float = 0.5
     texture_size: int = 2048        # texture atlas (2048^2 holds ~330k triangles)
     # 2D mode (App. G)
     steps_2d: int = 5000
@@ -440,7 +445,8 @@ class LoRAScore(nn.Module):
         b = len(x_t)
         c = torch.zeros(b, 16, device=x_t.device) if camera is None else camera.c2w.reshape(b, 16).to(x_t.device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=x_t.is_cuda):
-            out = self.unet(x_t.to(self.prior.dtype), t, encoder_hidden_states=self.prior.text(camera, b),
+            # the plain prompt y, not the view-dependent y^c: eps_phi(x_t, t, c, y) in Eq. (9), as both references
+            out = self.unet(x_t.to(self.prior.dtype), t, encoder_hidden_states=self.prior.text(None, b),
                             class_labels=c.float()).sample
         return out.float()
 
@@ -529,9 +535,17 @@ def make_eps_phi(prior, cfg, device):
     one cfg.resolution render). Returns the network and its optimiser (lr 1e-4 for LoRA, App. F)."""
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
-        return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=0.0)
+        return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=cfg.lora_weight_decay)
     net = SmallScore(probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
     return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
+
+
+def warm_up_lora(eps_phi, opt_phi, cfg, step):
+    """The LoRA's lr rises linearly over its first lora_warmup steps (the authors' nerf/utils.py); a
+    from-scratch eps_phi keeps its lr."""
+    if isinstance(eps_phi, LoRAScore):
+        for group in opt_phi.param_groups:
+            group["lr"] = cfg.lora_lr * min(1.0, (step + 1) / cfg.lora_warmup)
 
 
 def eps_phi_loss(eps_phi, prior, x0, camera):
@@ -623,8 +637,8 @@ class NeRFField(nn.Module):
     def __init__(self, cfg, hidden=64):
         super().__init__()
         self.bound, self.init = scene_bound(cfg), cfg.init
-        self.grid = HashGrid(n_levels=cfg.grid_levels, log2_table_size=cfg.grid_log2_table,
-                             max_resolution=cfg.grid_max_resolution)
+        self.grid = HashGrid(n_levels=cfg.grid_levels, log2_table_size=cfg.grid_log2_table,  # same detail per unit
+                             max_resolution=round(cfg.grid_max_resolution * self.bound))    # in a 5x box (authors)
         self.density_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.color_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 3))
         self.background = nn.Sequential(nn.Linear(15, 32), nn.SiLU(), nn.Linear(32, 3))
@@ -649,8 +663,8 @@ class NeRFField(nn.Module):
 
 
 def field_optimizer(field, cfg):
-    """AdamW with App. F's per-group learning rates: hash grid 1e-2, MLPs 1e-3. No weight decay on the
-    grid (decay would pull unused table entries to zero for no reason)."""
+    """AdamW (App. F) with per-group learning rates: hash grid cfg.grid_lr (1e-2), MLPs cfg.mlp_lr (1e-3).
+    No weight decay on the grid (decay would pull unused table entries to zero for no reason)."""
     grid = list(field.grid.parameters())
     mlps = [p for n, p in field.named_parameters() if not n.startswith("grid.")]
     return torch.optim.AdamW([{"params": grid, "lr": cfg.grid_lr, "weight_decay": 0.0},
@@ -751,11 +765,14 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
 
 
 def opacity_regularisers(w, opacity, n, cfg, step):
-    """Stage-1 regularisers on one chunk of rays, scaled so that the chunks of an n-ray image add up to
-    means over the image. w (N, S) compositing weights, opacity (N, 1)."""
-    a = opacity.clamp(1e-5, 1 - 1e-5)
-    entropy = -(a * a.log() + (1 - a) * (1 - a).log()).sum() / n               # push opacity to 0 or 1
-    return cfg.lambda_entropy * entropy + cfg.lambda_sparsity * opacity.sum() / n
+    """Stage-1 regularisers of one chunk of rays, each a mean over the n rays of the image (the chunks add up),
+    as threestudio's prolificdreamer system has them: sparsity sqrt(o^2 + 0.01) against fog and floaters, and
+    from step opaque_start on the binary entropy of o, which pushes every pixel to fully on or off. opacity
+    (N, 1). (w (N, S), the compositing weights, would carry the authors' alternative, an entropy on w.)"""
+    sparsity = (opacity.pow(2) + 0.01).sqrt().sum() / n
+    o = opacity.clamp(1e-3, 1 - 1e-3)
+    opaque = -(o * o.log() + (1 - o) * (1 - o).log()).sum() / n
+    return cfg.lambda_sparsity * sparsity + (cfg.lambda_opaque if step >= cfg.opaque_start else 0.0) * opaque
 
 
 def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, step=0, chunk=1 << 15):
@@ -961,6 +978,7 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
                 opt_phi.zero_grad()
                 loss_phi.backward()
                 all_reduce_grads(eps_phi)                                    # mean over the ranks
+                warm_up_lora(eps_phi, opt_phi, cfg, step)
                 opt_phi.step()
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t), res=size)
             if out is not None:
@@ -1354,22 +1372,24 @@ class TextureField(nn.Module):
 
 
 def mesh_regularisers(vertices, faces):
-    """Normal consistency (1 - cos between the normals of faces sharing an edge) and Laplacian smoothness
-    (squared distance of each vertex to the mean of its neighbours), both means."""
+    """The authors' two stage-2 regularisers: normal consistency, the mean of 1 - cos between the normals of
+    faces sharing an edge, and Laplacian smoothness, the mean norm of the uniform Laplacian
+    deg_i v_i - sum_j v_j over each vertex's neighbours j (nerf/renderer.py)."""
     fn = F.normalize(torch.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]],
                                  vertices[faces[:, 2]] - vertices[faces[:, 0]], dim=-1), dim=-1)  # (F, 3)
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values  # (3F, 2)
     face_of = torch.arange(len(faces), device=faces.device).repeat(3)
     key = edges[:, 0] * len(vertices) + edges[:, 1]
     order = key.argsort()
-    key, face_of = key[order], face_of[order]
+    key, face_of, edges = key[order], face_of[order], edges[order]
     pair = key[1:] == key[:-1]                    # a closed mesh has every edge twice, adjacent once sorted
     consistency = (1 - (fn[face_of[:-1][pair]] * fn[face_of[1:][pair]]).sum(-1)).mean()
+    edges = edges[torch.cat([pair.new_ones(1), ~pair])]                      # (E, 2) each edge once
     nbr_sum = torch.zeros_like(vertices).index_add_(0, edges[:, 0], vertices[edges[:, 1]])
     nbr_sum.index_add_(0, edges[:, 1], vertices[edges[:, 0]])
-    count = torch.zeros(len(vertices), device=vertices.device).index_add_(
+    degree = torch.zeros(len(vertices), device=vertices.device).index_add_(
         0, edges.reshape(-1), torch.ones(edges.numel(), device=vertices.device))
-    laplacian = (vertices - nbr_sum / count.clamp(min=1)[:, None]).pow(2).sum(-1).mean()
+    laplacian = (degree[:, None] * vertices - nbr_sum).norm(dim=-1).mean()
     return consistency, laplacian
 
 
@@ -1393,7 +1413,7 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=N
     and Laplacian regularisers; the DMTet's sdf and deformation are the parameters."""
     device = prior.alphas_cumprod.device
     use_guidance(prior, cfg.cfg_sds)
-    opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr)
+    opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr, betas=(0.9, 0.99), eps=1e-15)
     if state is not None:
         opt.load_state_dict(state["opt"])
     bar = progress_bar(range(start, cfg.geometry_steps), progress, desc="stage 2 geometry", initial=start,
@@ -1404,7 +1424,7 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=N
             rng = rng_state()
             vertices, faces = dmtet()
             camera = sample_cameras(1, cfg, device)
-            r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
+            r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution, smooth_normals=True)
             image = normal_image(r, torch.ones(1, 3, device=device))          # (1, 3, H, W) normals over white
             x0 = prior.encode(image)
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
@@ -1466,6 +1486,7 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
                 loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
                 opt_phi.zero_grad()
                 loss_phi.backward()
+                warm_up_lora(eps_phi, opt_phi, cfg, step)
                 opt_phi.step()
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t))
             if out is not None and (step + 1) % cfg.preview_every == 0:
@@ -2052,8 +2073,8 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not 0 < value < math.inf:  # (also refuses nan)
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
         return value
     return parse
 
@@ -2072,6 +2093,8 @@ def parse_args(argv):
     p.add_argument("--geometry-steps", type=positive(int), default=Config.geometry_steps, help="stage 2 steps")
     p.add_argument("--texture-steps", type=positive(int), default=Config.texture_steps, help="stage 3 steps")
     p.add_argument("--tet-resolution", type=positive(int), default=Config.tet_resolution, help="DMTet grid size")
+    p.add_argument("--mesh-threshold", type=positive(float), default=Config.mesh_threshold,
+                   help="NeRF density at the DMTet surface: higher drops more fog and floaters")
     p.add_argument("--texture-size", type=positive(int), default=Config.texture_size, help="texture atlas size (px)")
     p.add_argument("--init", choices=["object", "scene", "scene+object"], default=Config.init)
     p.add_argument("--model", default=Config.model,
@@ -2096,7 +2119,7 @@ def config_from_args(args):
                  seed=args.seed, model=args.model, lora_model=args.lora_model, resolution=args.resolution,
                  init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh,
                  geometry_steps=args.geometry_steps, texture_steps=args.texture_steps, tet_resolution=args.tet_resolution,
-                 texture_size=args.texture_size)
+                 texture_size=args.texture_size, mesh_threshold=args.mesh_threshold)
     if args.particles:
         cfg.particles = args.particles
     elif args.two_d:
@@ -2119,8 +2142,9 @@ def main(argv=None):
             out = args.resume
             cfg = load_config(out)
             if args.mesh and not cfg.mesh:  # --mesh --resume: add the mesh stages, with this command's settings
-                cfg.mesh, cfg.geometry_steps, cfg.texture_steps, cfg.tet_resolution, cfg.texture_size = (
-                    True, args.geometry_steps, args.texture_steps, args.tet_resolution, args.texture_size)
+                cfg.mesh, cfg.geometry_steps, cfg.texture_steps, cfg.tet_resolution, cfg.texture_size, cfg.mesh_threshold = (
+                    True, args.geometry_steps, args.texture_steps, args.tet_resolution, args.texture_size,
+                    args.mesh_threshold)
                 save_config(cfg, out)
             run_nerf(cfg, out, device, resume=True)
         elif args.toy:
@@ -2189,7 +2213,7 @@ def export_mesh(dmtet, tex, cfg, folder):
     white = torch.ones(1, 3, device=vertices.device)
     normals, colours = [], []
     for k in range(len(cams)):
-        r = render_mesh(vertices, faces, cams[k], res, res)
+        r = render_mesh(vertices, faces, cams[k], res, res, smooth_normals=True)
         normals.append(to_pil(normal_image(r, white)[0]))
         colours.append(to_pil(texture_image(tex, r, white)[0]))
     save_animation(normals, os.path.join(folder, "normal_turntable"))
