@@ -1098,6 +1098,10 @@ def test_density_init_of_sec_4_2():
     r = torch.tensor([[5 / 6 - 1e-4, 0, 0], [5 / 6 + 1e-4, 0, 0]])
     both = P.density_init(r, "scene+object")
     assert abs(both[0] - both[1]) < 1e-2 and abs(both[0] + 20 / 3) < 1e-2  # continuous at 5/6
+    # the finest hash-grid level keeps its detail per unit of length in the scenes' 5x larger box (authors)
+    small = dict(grid_levels=2, grid_log2_table=10)
+    assert P.NeRFField(P.Config(**small)).grid.resolutions == [16, 2048]
+    assert P.NeRFField(P.Config(init="scene", **small)).grid.resolutions == [16, 10240]
 
 
 class ConstantField(torch.nn.Module):
