@@ -2341,6 +2341,8 @@ def main(argv=None):
                 for name in MESH_SETTINGS:
                     if getattr(args, name) is not None:
                         setattr(cfg, name, getattr(args, name))
+            check_memory(cfg, device)
+            if args.mesh:
                 save_config(cfg, args.resume)
             run_nerf(cfg, args.resume, device, resume=True)
         elif args.toy:
@@ -2354,6 +2356,7 @@ def main(argv=None):
             if world()[0] == 0:
                 print(f"wrote {os.path.join(out, 'particles.png')}")
         else:
+            check_memory(cfg, device)
             out = make_run_folder(args.out, slug(cfg.prompt))
             save_config(cfg, out)
             run_nerf(cfg, out, device)
@@ -2437,7 +2440,6 @@ def to_pil(image):  # (3, H, W) in [0,1] -> PIL image
 
 def run_nerf(cfg, out, device, resume=False):
     """Stage 1 from the command line: load SD, train, write turntables."""
-    check_memory(cfg, device)
     prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
     rank0 = world()[0] == 0
     if rank0:

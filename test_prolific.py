@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1220,21 +1221,6 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         assert (tmp_path / d / "previews" / "step_000004.png").exists()
 
 
-class NaNAfter(KnownScenePrior):
-    def predict_noise(self, x_t, t, camera=None):
-        out = super().predict_noise(x_t, t, camera)
-        return out * float("nan") if self.calls > 4 else out
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = small_cfg(method="sds", steps=10, resolution=16, save_every=2)
-    with pytest.raises(P.TrainingStopped, match="step 4"):
-        P.train_nerf(NaNAfter(), cfg, out=str(tmp_path))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 4
-    assert all(torch.isfinite(v).all() for v in state["particles"][0].values())
-
-
 def test_stage1_cli_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "tulip"
     r = run_cli("a blue tulip", "--model", "tiny", "--steps", "20", "--resolution", "32", "--preview-every", "10",
@@ -1760,3 +1746,144 @@ def test_mesh_stages_same_seed_same_mesh_and_exact_resume_of_stage_3(tmp_path, m
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: cuda.append(s))
     P.set_rng_state({"cpu": torch.get_rng_state(), "cuda": torch.arange(16, dtype=torch.uint8)})
     assert len(cuda) == 1 and cuda[0].device.type == "cpu" and cuda[0].equal(torch.arange(16, dtype=torch.uint8))
+
+
+def test_run_folders_are_claimed_unique_and_released_when_nothing_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "toy")
+    assert P.new_run_folder(out, "toy") == out
+    with pytest.raises(P.UserError, match="refusing to overwrite"):  # item 6: a second run before any output
+        P.new_run_folder(out, "toy")
+    monkeypatch.setattr(P.time, "strftime", lambda fmt: "20250101-000000")  # item 8: started in one second
+    first, second = P.new_run_folder(None, "tulip"), P.new_run_folder(None, "tulip")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    run = str(tmp_path / "run")  # item 9: a model that cannot load leaves nothing; the retry is not refused
+    for _ in range(2):
+        assert P.main(["a tulip", "--model", str(tmp_path / "no-model"), "--steps", "1", "--out", run]) == 2
+        assert os.listdir(run) == []
+    args = lambda *a: P.config_from_args(P.parse_args(list(a)))
+    assert args("--toy", "--steps", "5000").steps_2d == 5000 and args("--toy").steps_2d == P.TOY_STEPS  # item 7
+
+
+def test_mesh_resume_settings_given_on_the_command_line_win(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    P.save_config(P.Config(prompt="x", model="tiny", mesh=True, tet_resolution=100000, texture_steps=7), str(run))
+    (run / "checkpoint.pt").write_bytes(b"")
+    seen = []
+    monkeypatch.setattr(P, "run_nerf", lambda cfg, out, device, resume: seen.append(cfg))
+    assert P.main(["--mesh", "--resume", str(run), "--tet-resolution", "24"]) == 0
+    assert seen[0].tet_resolution == 24 and seen[0].texture_steps == 7  # given: wins; not given: as saved
+    assert json.loads((run / "config.json").read_text())["tet_resolution"] == 24
+
+
+def test_unreachable_hub_is_one_early_line(monkeypatch, capsys):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    P.check_hub.cache_clear()
+    start = time.time()
+    with pytest.raises(P.UserError, match="cannot reach the Hugging Face hub.*HF_HUB_OFFLINE=1"):
+        P.load_sd("nobody-here/no-such-model", torch.float32)
+    assert time.time() - start < 30
+    assert capsys.readouterr().out.count("HF_HUB_OFFLINE=1") == 1
+
+
+def one_line_exit_2(argv, capsys):
+    try:
+        code = P.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args", [
+    ["x", "--seed", str(2 ** 64)], ["x", "--seed", "-1"], ["x", "--particles", "100000"],
+    ["x", "--mesh", "--tet-resolution", "100000"],
+])
+def test_impossible_settings_exit_2_before_anything_is_written(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # item 13
+    one_line_exit_2(args, capsys)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("config", ["null", "[1]", '{"steps": "abc"}', '{"grid_log2_table": 40}', '{"steps": -5}',
+                                    '{"method": "evil"}', '{"t_max": 2.0}', "{"])
+def test_bad_config_json_on_resume_is_one_line(config, tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # item 14: validated exactly as the command line is
+    (tmp_path / "config.json").write_text(config)
+    assert "config.json" in one_line_exit_2(["--resume", str(tmp_path)], capsys)
+
+
+def tiny_checkpoint(out, step):
+    cfg = tiny_cfg()
+    fields = [P.NeRFField(cfg)]
+    optims = [P.field_optimizer(fields[0], cfg)]
+    P.save_checkpoint(str(out), step, fields, optims, None, None, P.rng_state())
+    return fields, optims
+
+
+def test_damaged_checkpoints_are_one_line(tmp_path):
+    fields, optims = tiny_checkpoint(tmp_path, 3)
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    assert P.load_checkpoint(str(tmp_path), fields, optims, None, None) == 3  # weights_only=True reads ours
+    damaged = [good[:len(good) // 2], b"", os.urandom(4096), None, {"step": 3}, {**torch.load(path), "particles": []}]
+    for content in damaged:  # item 14: truncated, empty, random bytes, a folder, missing keys, too few particles
+        if path.is_dir():
+            path.rmdir()
+        if content is None:
+            path.unlink()
+            path.mkdir()
+        elif isinstance(content, dict):
+            torch.save(content, path)
+        else:
+            path.write_bytes(content)
+        with pytest.raises(P.UserError, match="checkpoint"):
+            P.load_checkpoint(str(tmp_path), fields, optims, None, None)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_carrying_code_is_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"  # issue 8 item 12
+    run = tmp_path / "run"
+    run.mkdir()
+    P.save_config(tiny_cfg(prompt="x", model="tiny", method="sds", steps=2), str(run))
+    torch.save({"step": 1, "world_size": 1, "particles": [Payload(str(marker))]}, run / "checkpoint.pt")
+    assert "refusing to load it" in one_line_exit_2(["--resume", str(run)], capsys)
+    assert not marker.exists()
+
+
+def test_disk_full_and_a_second_ctrl_c_leave_no_temp_file(tmp_path, monkeypatch):
+    fields, optims = tiny_checkpoint(tmp_path, 1)
+    tmp = tmp_path / "checkpoint.pt.tmp.pt"
+    if os.path.exists("/dev/full"):  # item 15: every write fails with ENOSPC
+        os.symlink("/dev/full", tmp)
+        with pytest.raises(P.UserError, match="could not write .*checkpoint.pt: No space left on device"):
+            P.save_checkpoint(str(tmp_path), 2, fields, optims, None, None, P.rng_state())
+        assert not os.path.lexists(tmp)
+    save = torch.save
+
+    def interrupted_save(obj, f):  # item 16: a second Ctrl-C halfway through the write
+        save(obj, f)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        P.save_checkpoint(str(tmp_path), 2, fields, optims, None, None, P.rng_state())
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    assert P.read_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1  # the previous one, whole
+    finished = False
+    with pytest.raises(KeyboardInterrupt):  # and a Ctrl-C while signals are held waits for the block
+        with P.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished = True
+    assert finished
