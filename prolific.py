@@ -28,6 +28,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -956,6 +957,9 @@ def signals_held():
     """Context: Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act as usual. Around a
     step's optimiser steps: its updates land whole or not at all, so a checkpoint holds exactly the steps
     it names, and a resume never applies one twice."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread gets signals)
+        yield
+        return
     caught = []
     held = (signal.SIGINT, signal.SIGTERM)
     old = [signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held]
