@@ -15,8 +15,11 @@ Letters used in shape comments: B batch, C channels, H/W height/width, N points 
 ray, d point dimension, n particles.
 """
 import argparse
+import contextlib
 import copy
+import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -25,6 +28,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -245,6 +249,8 @@ def load_sd(model, dtype):
     if not local and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise UserError(f"could not load Stable Diffusion {model!r}: no such folder, and not a hub id of the form "
                         f"owner/name. Pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base")
+    if not local:
+        check_hub(model)
     try:
         load = dict(torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -260,8 +266,30 @@ def load_sd(model, dtype):
     return tokenizer, text_encoder, vae, unet
 
 
+@functools.cache
+def check_hub(model):
+    """Before the hub is asked for a model: say once where it comes from and how to stay offline, and when
+    the hub cannot be reached at all, say so now (the downloader would retry every file for minutes)."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import HfHubHTTPError
+    if constants.HF_HUB_OFFLINE:
+        return
+    print(f"{model}: from the Hugging Face hub or its local cache (offline: HF_HUB_OFFLINE=1, or --model FOLDER)",
+          flush=True)
+    try:
+        model_info(model, timeout=10)
+    except HfHubHTTPError:  # the hub answered (no such model, gated, ...): the loader's error says which
+        pass
+    except Exception as e:  # no connection, DNS, timeout, TLS
+        raise UserError(f"cannot reach the Hugging Face hub for {model!r} ({type(e).__name__}). If it is in the "
+                        f"local cache, run with HF_HUB_OFFLINE=1; or pass a local diffusers folder: "
+                        f"--model /path/to/stable-diffusion-2-1-base") from None
+
+
 def load_unet(model, dtype):
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    if not os.path.isdir(model):
+        check_hub(model)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
     sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     unet.register_to_config(prediction_type=sched.config.prediction_type)
@@ -379,13 +407,16 @@ def add_noise(x0, t, eps, alphas_cumprod):
 def distillation_grad(prior, x0, t, eps, camera, eps_phi=None):
     """The update direction g of SDS (Eq. 3) or, given eps_phi, VSD (Eq. 9), with w(t) = sigma_t^2 = 1 - a
     (App. F). SDS:  g = w(t) (eps_pretrain - eps).   VSD:  g = w(t) (eps_pretrain - eps_phi).
-    No gradient flows through either network: g multiplies dg(theta)/dtheta, nothing else."""
+    No gradient flows through either network: g multiplies dg(theta)/dtheta, nothing else.
+    Non-finite elements of g become 0, as in the authors' code and threestudio (nan_to_num): one NaN from
+    an fp16 UNet must not end a 25k-step run. (They keep +-inf as +-3.4e38; we zero it too: such an
+    element carries no direction, and 3.4e38 would swamp Adam's second moment for good.)"""
     with torch.no_grad():
         x_t = add_noise(x0, t, eps, prior.alphas_cumprod)
         eps_pretrain = prior.predict_noise(x_t, t, camera)
         target = eps if eps_phi is None else eps_phi.predict_noise(x_t, t, camera)
         w = (1 - prior.alphas_cumprod[t]).view(-1, *[1] * (x0.ndim - 1))
-        return w * (eps_pretrain - target)
+        return torch.nan_to_num(w * (eps_pretrain - target), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def surrogate_loss(x0, g):
@@ -925,12 +956,37 @@ def anneal_at(cfg):
 
 
 class TrainingStopped(Exception):
-    """A run that cannot continue (NaN loss): message printed, last good checkpoint kept, exit 1."""
+    """A run that cannot continue (its parameters became NaN or inf): message printed, exit 1. The last
+    checkpoint on disk was saved before, from finite parameters."""
 
 
-def check_finite(loss, step):
-    if not torch.isfinite(loss):
-        raise TrainingStopped(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint is kept")
+def check_finite(step, *modules):
+    """Stop as soon as a trainable parameter is NaN or inf, before anything saves it. (g itself is cleaned
+    in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)"""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():  # one device sync
+        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; stopped. The last checkpoint "
+                              f"was saved before and is kept")
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Context: Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act as usual. Around a
+    step's optimiser steps: its updates land whole or not at all, so a checkpoint holds exactly the steps
+    it names, and a resume never applies one twice."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread gets signals)
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held]
+    try:
+        yield
+    finally:
+        for s, handler in zip(held, old):
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def train_nerf(prior, cfg, out=None, resume=False, progress=False):
@@ -952,10 +1008,9 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
     start = load_checkpoint(out, particles, optims, eps_phi, opt_phi) if resume else 0
     bar = progress_bar(range(start, cfg.steps), progress and rank == 0, desc="stage 1", initial=start,
                        total=cfg.steps)
-    rng = rng_state()
+    done, rng = start, rng_state()  # the steps in the parameters, and the random state that continues them
     try:
         for step in bar:
-            rng = rng_state()  # a checkpoint taken during this step restarts it from here
             i = int(torch.randint(len(particles), ()))
             field, opt = particles[i], optims[i]
             camera, size = sample_cameras(1, cfg, device), resolution(step, cfg)
@@ -967,31 +1022,35 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9) or (3)
             loss = surrogate_loss(x0, g)
-            check_finite(loss, step)
             loss.backward()                                                  # image.grad = dL/dx
             opt.zero_grad()
             backward_through_render(field, camera, size, first, image.grad, bg, cfg, step)
-            opt.step()
-            loss_phi = torch.zeros(())
-            if eps_phi is not None:                                          # Eq. (8): LoRA step
-                loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
-                opt_phi.zero_grad()
-                loss_phi.backward()
-                all_reduce_grads(eps_phi)                                    # mean over the ranks
-                warm_up_lora(eps_phi, opt_phi, cfg, step)
-                opt_phi.step()
+            with signals_held():                                             # the step lands whole
+                opt.step()
+                loss_phi = torch.zeros(())
+                if eps_phi is not None:                                      # Eq. (8): LoRA step
+                    loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
+                    opt_phi.zero_grad()
+                    loss_phi.backward()
+                    all_reduce_grads(eps_phi)                                # mean over the ranks
+                    warm_up_lora(eps_phi, opt_phi, cfg, step)
+                    opt_phi.step()
+                done, rng = step + 1, rng_state()
+            check_finite(step, eps_phi, *particles)
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t), res=size)
             if out is not None:
-                periodic_outputs(out, step + 1, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size)
+                periodic_outputs(out, done, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size)
+        if out is not None and start < cfg.steps:
+            save_checkpoint(out, cfg.steps, particles, optims, eps_phi, opt_phi, rng)
     except KeyboardInterrupt:
-        # save the state at the start of the interrupted step, then stop. Under torchrun the ranks stop at
-        # different points and cannot meet to gather a checkpoint: the last periodic one is kept.
+        # save the `done` steps, then stop (a second Ctrl-C waits for the save). Under torchrun the ranks stop
+        # at different points and cannot meet to gather a checkpoint: the last periodic one is kept.
         if out is not None and world()[1] == 1:
-            save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng)
-            print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
+            with signals_held():
+                save_checkpoint(out, done, particles, optims, eps_phi, opt_phi, rng)
+            print(f"\ninterrupted at step {done}; resume with: python prolific.py --resume {out}", file=sys.stderr)
         raise
-    if out is not None and start < cfg.steps:  # (a resumed, already finished run has nothing new to write)
-        save_checkpoint(out, cfg.steps, particles, optims, eps_phi, opt_phi, rng_state())
+    if out is not None:  # a resumed run finishes the turntables an interruption left half done
         for k, f in zip(my_particles(cfg), particles):                       # each rank renders its own
             write_turntable(f, cfg, os.path.join(out, f"particle{k}"))
     return particles
@@ -1025,8 +1084,9 @@ def save_preview(particles, cfg, path):
     size = min(cfg.resolution, 128)
     device = next(particles[0].parameters()).device
     cam = turntable_cameras(1, cfg, device)
-    rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
-            for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
+    with own_rng(device, cfg.seed):
+        rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
+                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
     image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
     if world()[0] == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1043,28 +1103,43 @@ def depth_image(depth, opacity, cfg):
     return ((span - depth) / span * solid).clamp(0, 1).expand(3, -1, -1)
 
 
+@contextlib.contextmanager
+def own_rng(device, seed):
+    """Context: random draws (the renderer's jittered samples) from a seeded stream of their own. Previews
+    and turntables leave training's stream alone, and a frame drawn again is the same picture."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def write_turntable(field, cfg, folder, frames=36, size=None):
-    """Colour | depth frames around the object, as PNGs and an animated WebP (GIF where pillow lacks WebP)."""
+    """Colour | depth frames around the object, as PNGs and an animated WebP (GIF where pillow lacks WebP).
+    Frames already on disk are kept: a run interrupted here finishes the rest on --resume."""
+    stem = os.path.join(folder, "turntable")
+    if os.path.exists(animation_path(stem)):
+        return
     size = size or min(cfg.resolution, 256)
     os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
     device = next(field.parameters()).device
     cams = turntable_cameras(frames, cfg, device)
-    images = []
-    for k in range(frames):
-        r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance)
-        frame = torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2)
-        save_image(frame, os.path.join(folder, "frames", f"frame_{k:03d}.png"))
-        images.append(Image.open(os.path.join(folder, "frames", f"frame_{k:03d}.png")).convert("RGB"))
-    save_animation(images, os.path.join(folder, "turntable"))
+    paths = [os.path.join(folder, "frames", f"frame_{k:03d}.png") for k in range(frames)]
+    for k, path in enumerate(paths):
+        if not os.path.exists(path):
+            with own_rng(device, cfg.seed + k):
+                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance)
+            save_image(torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2), path)
+    save_animation([Image.open(p).convert("RGB") for p in paths], stem)
+
+
+def animation_path(stem):
+    from PIL import features
+    return stem + (".webp" if features.check("webp") else ".gif")
 
 
 def save_animation(images, stem):
-    from PIL import features
-    path = stem + (".webp" if features.check("webp") else ".gif")
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
-    images[0].save(tmp, save_all=True, append_images=images[1:], duration=80, loop=0)
-    os.replace(tmp, path)
+    path = animation_path(stem)
+    atomic_write(path, lambda tmp: images[0].save(tmp, save_all=True, append_images=images[1:], duration=80, loop=0))
     return path
 
 
@@ -1072,6 +1147,13 @@ def rng_state():
     """This process's generators: the CPU's and its own GPU's (not every GPU's: under torchrun that would
     open a CUDA context on each GPU from each rank)."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng):
+    """Restore rng_state()'s generators from a checkpoint read to the CPU (set_rng_state takes CPU tensors)."""
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
@@ -1100,32 +1182,66 @@ def load_eps_phi_state(state, eps_phi, opt_phi):
         opt_phi.load_state_dict(state["opt_phi"])
 
 
+def atomic_write(path, write):
+    """write(tmp), then rename tmp -> path: a crash mid-write never leaves a broken file. A write that fails
+    (disk full, an interrupt) removes its temp file, keeps the previous file, and an OSError is one line."""
+    tmp = path + ".tmp" + os.path.splitext(path)[1]  # the same extension: pillow picks the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path}: {e.strerror or e}; the files written before are kept") from None
+        raise
+
+
 def atomic_save(state, path):
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # (torch.save to a file object raises OSError, not RuntimeError, on a full disk)
+            torch.save(state, f)
+    atomic_write(path, write)
+
+
+def read_checkpoint(path):
+    """A checkpoint as tensors, numbers, strings, lists and dicts on the CPU. weights_only=True: a file
+    someone hands over cannot run code here (a pickle may carry any). Unreadable files are one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this program can read ({type(e).__name__}): damaged, or it "
+                        f"holds objects other than tensors, numbers, strings and dicts; refusing to load it") from None
+
+
+@contextlib.contextmanager
+def checkpoint_fits(path):
+    """Context: a checkpoint whose keys or shapes do not fit the model being restored is one line."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} does not fit this run's settings ({type(e).__name__}: {detail})") from None
 
 
 def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"{out} has no checkpoint.pt to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     rank, n = world()
-    if state["world_size"] != n:  # each rank's particles and random stream belong to one split
-        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
-                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
-    mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
-    for f, s in zip(particles, state["particles"][mine]):
-        f.load_state_dict(s)
-    for o, s in zip(optims, state["optims"][mine]):
-        o.load_state_dict(s)
-    load_eps_phi_state(state, eps_phi, opt_phi)
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
+    with checkpoint_fits(path):
+        if state["world_size"] != n:  # each rank's particles and random stream belong to one split
+            raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
+                            f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+        mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
+        for f, s in zip(particles, state["particles"][mine], strict=True):
+            f.load_state_dict(s)
+        for o, s in zip(optims, state["optims"][mine], strict=True):
+            o.load_state_dict(s)
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"][rank])
+        return int(state["step"])
 
 
 # -----------------------------------------------------------------------------
@@ -1408,20 +1524,19 @@ def texture_image(tex, r, background):
     return color * r["mask"] + background[:, :, None, None] * (1 - r["mask"])
 
 
-def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=None):
+def train_geometry(prior, cfg, dmtet, out=None, progress=False, state=None):
     """Stage 2: SDS at CFG 100 on rendered normal maps (App. F: 15k steps at 512) plus normal-consistency
-    and Laplacian regularisers; the DMTet's sdf and deformation are the parameters."""
+    and Laplacian regularisers; the DMTet's sdf and deformation are the parameters.
+    state: a stage-2 mesh checkpoint to continue from (train_mesh has loaded its DMTet)."""
     device = prior.alphas_cumprod.device
     use_guidance(prior, cfg.cfg_sds)
     opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr, betas=(0.9, 0.99), eps=1e-15)
-    if state is not None:
-        opt.load_state_dict(state["opt"])
+    start = done = restore_mesh_stage(state, opt)
     bar = progress_bar(range(start, cfg.geometry_steps), progress, desc="stage 2 geometry", initial=start,
                        total=cfg.geometry_steps)
-    step, rng = start, rng_state()
+    rng = rng_state()
     try:
         for step in bar:
-            rng = rng_state()
             vertices, faces = dmtet()
             camera = sample_cameras(1, cfg, device)
             r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution, smooth_normals=True)
@@ -1431,25 +1546,29 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, start=0, state=N
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera)      # SDS, Eq. (3)
             consistency, laplacian = mesh_regularisers(vertices, faces)
             loss = surrogate_loss(x0, g) + cfg.lambda_normal_consistency * consistency + cfg.lambda_laplacian * laplacian
-            check_finite(loss, step)
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            with signals_held():                                             # the step lands whole
+                opt.step()
+                done, rng = step + 1, rng_state()
+            check_finite(step, dmtet)
             bar_info(bar, loss=f"{loss.item():.3g}", t=int(t), faces=len(faces))
-            if out is not None and (step + 1) % cfg.preview_every == 0:
-                save_image(image[0], os.path.join(out, "previews", f"geometry_{step + 1:06d}.png"))
-            if out is not None and (step + 1) % cfg.save_every == 0:
-                save_mesh_checkpoint(out, 2, step + 1, dmtet, None, opt, None, None, rng_state())
+            if out is not None and done % cfg.preview_every == 0:
+                save_image(image[0], os.path.join(out, "previews", f"geometry_{done:06d}.png"))
+            if out is not None and (done % cfg.save_every == 0 or done == cfg.geometry_steps):
+                save_mesh_checkpoint(out, 2, done, dmtet, None, opt, None, None, rng)
     except KeyboardInterrupt:
         if out is not None:
-            save_mesh_checkpoint(out, 2, step, dmtet, None, opt, None, None, rng)
+            with signals_held():
+                save_mesh_checkpoint(out, 2, done, dmtet, None, opt, None, None, rng)
         raise
     return dmtet
 
 
-def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, state=None):
+def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, state=None):
     """Stage 3: geometry frozen, the texture field trained with VSD at CFG 7.5 and the annealed time
-    schedule (App. F: 30k steps). eps_phi is a fresh LoRA (or small net), as in stage 1."""
+    schedule (App. F: 30k steps). eps_phi is a fresh LoRA (or small net), as in stage 1.
+    state: a stage-3 mesh checkpoint to continue from (train_mesh has loaded the texture field)."""
     device = prior.alphas_cumprod.device
     use_guidance(prior, guidance_scale(cfg, cfg.method))
     with torch.no_grad():
@@ -1459,15 +1578,12 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
     eps_phi, opt_phi = None, None
     if cfg.method == "vsd":
         eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        load_eps_phi_state(state, eps_phi, opt_phi)
+    start = done = restore_mesh_stage(state, opt, eps_phi, opt_phi)
     bar = progress_bar(range(start, cfg.texture_steps), progress, desc="stage 3 texture", initial=start,
                        total=cfg.texture_steps)
-    step, rng = start, rng_state()
+    rng = rng_state()
     try:
         for step in bar:
-            rng = rng_state()
             camera = sample_cameras(1, cfg, device)
             with torch.no_grad():
                 r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
@@ -1477,25 +1593,28 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, start=0, sta
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # VSD, Eq. (9)
             loss = surrogate_loss(x0, g)
-            check_finite(loss, step)
             opt.zero_grad()
             loss.backward()
-            opt.step()
-            loss_phi = torch.zeros(())
-            if eps_phi is not None:
-                loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
-                opt_phi.zero_grad()
-                loss_phi.backward()
-                warm_up_lora(eps_phi, opt_phi, cfg, step)
-                opt_phi.step()
+            with signals_held():                                             # the step lands whole
+                opt.step()
+                loss_phi = torch.zeros(())
+                if eps_phi is not None:
+                    loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
+                    opt_phi.zero_grad()
+                    loss_phi.backward()
+                    warm_up_lora(eps_phi, opt_phi, cfg, step)
+                    opt_phi.step()
+                done, rng = step + 1, rng_state()
+            check_finite(step, tex, eps_phi)
             bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t))
-            if out is not None and (step + 1) % cfg.preview_every == 0:
-                save_image(image[0], os.path.join(out, "previews", f"texture_{step + 1:06d}.png"))
-            if out is not None and (step + 1) % cfg.save_every == 0:
-                save_mesh_checkpoint(out, 3, step + 1, dmtet, tex, opt, eps_phi, opt_phi, rng_state())
+            if out is not None and done % cfg.preview_every == 0:
+                save_image(image[0], os.path.join(out, "previews", f"texture_{done:06d}.png"))
+            if out is not None and (done % cfg.save_every == 0 or done == cfg.texture_steps):
+                save_mesh_checkpoint(out, 3, done, dmtet, tex, opt, eps_phi, opt_phi, rng)
     except KeyboardInterrupt:
         if out is not None:
-            save_mesh_checkpoint(out, 3, step, dmtet, tex, opt, eps_phi, opt_phi, rng)
+            with signals_held():
+                save_mesh_checkpoint(out, 3, done, dmtet, tex, opt, eps_phi, opt_phi, rng)
         raise
     return tex
 
@@ -1506,27 +1625,59 @@ def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rn
     atomic_save(state, os.path.join(out, "mesh_checkpoint.pt"))
 
 
+def restore_mesh_stage(state, opt, eps_phi=None, opt_phi=None):
+    """Continue a mesh stage from its checkpoint: optimiser, eps_phi and every RNG. Called once all is
+    built, so that building (eps_phi's random init) draws nothing after the RNG is restored. -> the step."""
+    if state is None:
+        return 0
+    with checkpoint_fits("mesh_checkpoint.pt"):
+        opt.load_state_dict(state["opt"])
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+
+@contextlib.contextmanager
+def deterministic(device):
+    """Context: torch's deterministic kernels, on the CPU. There index_put_ with accumulate=True, the backward
+    of every gather x[idx] (the mesh stages gather shared vertices throughout), adds floats from several
+    threads in arrival order once it has 32k elements: two runs of one seed differed in the last bits, and
+    a few steps later by whole faces. Deterministic mode adds them in index order. (On a GPU the hash grid's
+    atomic adds make no run bit-exact anyway; that is not attempted.)"""
+    if device.type != "cpu":
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def train_mesh(prior, cfg, nerf, out=None, progress=False):
     """Stages 2-3 for one stage-1 particle: DMTet from the NeRF density -> geometry -> texture.
     Resumes from out/mesh_checkpoint.pt when there is one. Returns (dmtet, texture field)."""
     device = prior.alphas_cumprod.device
-    try:
-        dmtet = DMTet(cfg.tet_resolution, density_fn=nerf.density, bound=nerf.bound, threshold=cfg.mesh_threshold,
-                      device=device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    tex = TextureField(nerf).to(device)
-    path = None if out is None else os.path.join(out, "mesh_checkpoint.pt")
-    state = torch.load(path, map_location=device, weights_only=False) if path and os.path.exists(path) else None
-    if state is not None:
-        dmtet.load_state_dict(state["dmtet"])
-        if state["tex"] is not None:
-            tex.load_state_dict(state["tex"])
-        torch.set_rng_state(state["rng"]["cpu"])
-    if state is None or state["stage"] == 2:
-        train_geometry(prior, cfg, dmtet, out, progress, *((state["step"], state) if state else (0, None)))
-        state = None
-    train_texture(prior, cfg, dmtet, tex, out, progress, *((state["step"], state) if state else (0, None)))
+    with deterministic(device):
+        try:
+            dmtet = DMTet(cfg.tet_resolution, density_fn=nerf.density, bound=nerf.bound,
+                          threshold=cfg.mesh_threshold, device=device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        tex = TextureField(nerf).to(device)
+        path = None if out is None else os.path.join(out, "mesh_checkpoint.pt")
+        state = read_checkpoint(path) if path and os.path.exists(path) else None
+        if state is not None:
+            with checkpoint_fits(path):
+                dmtet.load_state_dict(state["dmtet"])
+                if state["tex"] is not None:
+                    tex.load_state_dict(state["tex"])
+                stage = state["stage"]
+        if state is None or stage == 2:
+            train_geometry(prior, cfg, dmtet, out, progress, state)
+            state = None
+        train_texture(prior, cfg, dmtet, tex, out, progress, state)
     return dmtet, tex
 
 
@@ -1815,7 +1966,8 @@ def write_glb(path, vertices, faces, uv, texture_image):
     json_chunk = _pad4(json.dumps(gltf, separators=(",", ":")).encode(), b" ")
     body = struct.pack("<I4s", len(json_chunk), b"JSON") + json_chunk
     body += struct.pack("<I4s", len(binary), b"BIN\0") + binary
-    Path(path).write_bytes(struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body)
+    data = struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -----------------------------------------------------------------------------
@@ -1876,13 +2028,14 @@ def mode_stats(means, x):
 
 TOY_MEANS = [[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]
 TOY_STD, TOY_WEIGHTS = 0.3, [0.5, 0.3, 0.2]
+TOY_STEPS = 2000
 
 
 def run_toy(cfg, out):
     """Theorem 2 on a 2D Gaussian mixture: VSD samples it, SDS mode-seeks. Writes toy.png."""
     prior = GaussianMixturePrior(TOY_MEANS, TOY_STD, TOY_WEIGHTS)
     n = 512
-    steps = cfg.steps_2d if cfg.steps_2d != Config.steps_2d else 2000  # --steps overrides the toy's 2000
+    steps = cfg.steps_2d  # config_from_args: --steps, or TOY_STEPS
     target = prior.sample(n, torch.Generator().manual_seed(cfg.seed))
     panels = {"target samples": target}
     for method in ("sds", "vsd"):
@@ -2007,9 +2160,7 @@ def save_grid(images, path):
 def save_image(image, path):
     """(3, H, W) in [0,1] -> PNG, written to a temp file and renamed so a crash never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    to_pil(image.detach()).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, to_pil(image.detach()).save)
 
 
 # -----------------------------------------------------------------------------
@@ -2048,17 +2199,32 @@ def make_run_folder(out, name):
 
 
 def new_run_folder(out, name):
-    out = out or os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.isdir(out) and os.listdir(out):
-        raise UserError(f"output folder {out} already has files; refusing to overwrite (choose another --out)")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out}: {e.strerror}") from None
-    return out
+    """Make the run folder and claim it by creating its config.json exclusively: two runs started at once
+    never share a folder. Without --out: outputs/<name>-<time>, or -2, -3, ... if that one is taken."""
+    stem = os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for k in itertools.count(1):
+        path = out or (stem if k == 1 else f"{stem}-{k}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.listdir(path):
+                raise FileExistsError
+            open(os.path.join(path, "config.json"), "x").close()
+            return path
+        except FileExistsError:
+            if out:
+                raise UserError(f"output folder {out} already has files; refusing to overwrite "
+                                f"(choose another --out)") from None
+        except OSError as e:
+            raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
+
+
+def forget_unstarted_run(out, made_by_default):
+    """A run that stopped before its first output (a model that would not load, Ctrl-C while loading)
+    leaves no config.json behind, so that the same --out can be used again."""
+    if world()[0] == 0 and os.path.isdir(out) and os.listdir(out) == ["config.json"]:
+        os.remove(os.path.join(out, "config.json"))
+        if made_by_default:
+            os.rmdir(out)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -2086,22 +2252,22 @@ def parse_args(argv):
     mode.add_argument("--toy", action="store_true", help="Theorem 2 on a 2D Gaussian mixture (CPU, seconds)")
     mode.add_argument("--2d", dest="two_d", action="store_true", help="distil SD latents directly (App. G)")
     mode.add_argument("--mesh", action="store_true", help="after the NeRF, extract and fine-tune a textured mesh")
-    p.add_argument("--method", choices=["vsd", "sds", "ancestral"], default=Config.method)
+    p.add_argument("--method", choices=METHODS, default=Config.method)
     p.add_argument("--particles", type=positive(int), default=None, help="n particles (default 1; 8 with --2d)")
     p.add_argument("--steps", type=positive(int), default=None, help="optimisation steps (default: the mode's)")
     p.add_argument("--resolution", type=positive(int), default=Config.resolution, help="final render size")
-    p.add_argument("--geometry-steps", type=positive(int), default=Config.geometry_steps, help="stage 2 steps")
-    p.add_argument("--texture-steps", type=positive(int), default=Config.texture_steps, help="stage 3 steps")
-    p.add_argument("--tet-resolution", type=positive(int), default=Config.tet_resolution, help="DMTet grid size")
-    p.add_argument("--mesh-threshold", type=positive(float), default=Config.mesh_threshold,
-                   help="NeRF density at the DMTet surface: higher drops more fog and floaters")
-    p.add_argument("--texture-size", type=positive(int), default=Config.texture_size, help="texture atlas size (px)")
-    p.add_argument("--init", choices=["object", "scene", "scene+object"], default=Config.init)
+    p.add_argument("--geometry-steps", type=positive(int), help=f"stage 2 steps (default {Config.geometry_steps})")
+    p.add_argument("--texture-steps", type=positive(int), help=f"stage 3 steps (default {Config.texture_steps})")
+    p.add_argument("--tet-resolution", type=positive(int), help=f"DMTet grid size (default {Config.tet_resolution})")
+    p.add_argument("--mesh-threshold", type=positive(float),
+                   help=f"NeRF density at the DMTet surface: higher drops more fog and floaters (default {Config.mesh_threshold})")
+    p.add_argument("--texture-size", type=positive(int), help=f"texture atlas size, px (default {Config.texture_size})")
+    p.add_argument("--init", choices=INITS, default=Config.init)
     p.add_argument("--model", default=Config.model,
                    help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download)')
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
     p.add_argument("--negative-prompt", default=Config.negative_prompt)
-    p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--seed", type=int, default=Config.seed, help="0 .. 2^63-1")
     p.add_argument("--save-every", type=positive(int), default=Config.save_every)
     p.add_argument("--preview-every", type=positive(int), default=Config.preview_every)
     p.add_argument("--out", default=None, help="run folder (default outputs/<prompt>-<time>/)")
@@ -2114,41 +2280,101 @@ def parse_args(argv):
     return args
 
 
+MESH_SETTINGS = ("geometry_steps", "texture_steps", "tet_resolution", "texture_size", "mesh_threshold")  # --mesh --resume takes these
+
+
 def config_from_args(args):
     cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt, method=args.method,
                  seed=args.seed, model=args.model, lora_model=args.lora_model, resolution=args.resolution,
-                 init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh,
-                 geometry_steps=args.geometry_steps, texture_steps=args.texture_steps, tet_resolution=args.tet_resolution,
-                 texture_size=args.texture_size, mesh_threshold=args.mesh_threshold)
+                 init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh)
+    for name in MESH_SETTINGS:
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     if args.particles:
         cfg.particles = args.particles
     elif args.two_d:
         cfg.particles = 8  # App. G
-    if args.steps and (args.two_d or args.toy):
+    if args.toy:
+        cfg.steps_2d = args.steps or TOY_STEPS
+    elif args.steps and args.two_d:
         cfg.steps_2d = args.steps
     elif args.steps:
         cfg.steps = args.steps
+    check_config(cfg)
     return cfg
+
+
+METHODS, INITS = ("vsd", "sds", "ancestral"), ("object", "scene", "scene+object")
+# settings that must be > 0; every other number must be >= 0 (the lambdas, seed, warmup_steps, ...)
+POSITIVE = ("particles", "cfg_vsd", "cfg_sds", "lora_rank", "lora_lr", "lora_warmup", "steps", "resolution", "warmup_resolution",
+            "grid_levels", "grid_log2_table", "grid_max_resolution", "grid_lr", "mlp_lr", "n_samples",
+            "geometry_steps", "texture_steps", "tet_resolution", "mesh_threshold", "mesh_lr", "texture_size",
+            "steps_2d", "lr_2d", "batch_2d", "save_every", "preview_every")
+
+
+def check_config(cfg):
+    """The one check of a Config, for the command line and for a config.json read back by --resume alike:
+    types, ranges and choices. A bad value is one line here, not a traceback hours into a run."""
+    def need(ok, name, what):
+        if not ok:
+            raise UserError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    for f in fields(Config):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        need(type(value) is kind or (kind is float and type(value) is int), f.name, f"of type {kind.__name__}")
+        if kind in (int, float):
+            need(math.isfinite(value) and value >= 0, f.name, "a number >= 0")
+    for name in POSITIVE:
+        need(getattr(cfg, name) > 0, name, "positive")
+    need(cfg.seed < 2 ** 63, "seed", "below 2^63")
+    need(cfg.grid_log2_table <= 30, "grid_log2_table", "at most 30 (hash grid rows are int32)")
+    need(cfg.method in METHODS, "method", " | ".join(METHODS))
+    need(cfg.init in INITS, "init", " | ".join(INITS))
+    need(0 < cfg.t_min < cfg.t_max_annealed <= cfg.t_max < 1, "t_min", "in 0 < t_min < t_max_annealed <= t_max < 1")
+    for name in ("camera_dropout", "random_background"):
+        need(getattr(cfg, name) <= 1, name, "a probability")
+
+
+def check_memory(cfg, device):
+    """Before loading anything, the memory some settings need for certain against the machine's: this rank's
+    fields with their gradients and two Adam moments (16 bytes a parameter, counted on the meta device, so
+    nothing is allocated) and the DMTet grid (~300 bytes a cube: tets, vertices, sdf, deformation, Adam)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in NeRFField(cfg).parameters())
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    need = [(len(my_particles(cfg)) * params * 16, f"{cfg.particles} particle(s) of {params / 1e6:.0f}M parameters",
+             "fewer --particles, or torchrun over more GPUs")]
+    if cfg.mesh:
+        need.append((300 * cfg.tet_resolution ** 3, f"--tet-resolution {cfg.tet_resolution}",
+                     f"a smaller --tet-resolution (default {Config.tet_resolution})"))
+    for size, what, fix in need:
+        if size > have:
+            raise UserError(f"{what}: about {size / 2 ** 30:.3g} GiB for these alone, more than this {device.type} "
+                            f"has ({have / 2 ** 30:.3g} GiB); use {fix}")
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(args)
     signal.signal(signal.SIGTERM, interrupt)  # a kill saves a checkpoint like Ctrl-C does
+    cfg, out = None, None
     try:
+        cfg = config_from_args(args)
         check_split(args, cfg)
         device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
-            out = args.resume
-            cfg = load_config(out)
-            if args.mesh and not cfg.mesh:  # --mesh --resume: add the mesh stages, with this command's settings
-                cfg.mesh, cfg.geometry_steps, cfg.texture_steps, cfg.tet_resolution, cfg.texture_size, cfg.mesh_threshold = (
-                    True, args.geometry_steps, args.texture_steps, args.tet_resolution, args.texture_size,
-                    args.mesh_threshold)
-                save_config(cfg, out)
-            run_nerf(cfg, out, device, resume=True)
+            cfg = load_config(args.resume)
+            if args.mesh:  # --mesh --resume: add the mesh stages; mesh settings given on this command line win
+                cfg.mesh = True
+                for name in MESH_SETTINGS:
+                    if getattr(args, name) is not None:
+                        setattr(cfg, name, getattr(args, name))
+            check_memory(cfg, device)
+            if args.mesh:
+                save_config(cfg, args.resume)
+            run_nerf(cfg, args.resume, device, resume=True)
         elif args.toy:
             out = make_run_folder(args.out, "toy")
+            save_config(cfg, out)
             run_toy(cfg, out)
         elif args.two_d:
             out = make_run_folder(args.out, slug(cfg.prompt) + "-2d")
@@ -2157,6 +2383,7 @@ def main(argv=None):
             if world()[0] == 0:
                 print(f"wrote {os.path.join(out, 'particles.png')}")
         else:
+            check_memory(cfg, device)
             out = make_run_folder(args.out, slug(cfg.prompt))
             save_config(cfg, out)
             run_nerf(cfg, out, device)
@@ -2174,10 +2401,15 @@ def main(argv=None):
               f"Lower memory with --resolution 256 (or 128), --lora-model same (one UNet instead of two), "
               f"or fewer --particles; the last checkpoint is kept (--resume)", file=sys.stderr)
         return 1
+    except OSError as e:  # a write that failed outside atomic_write (log.txt): full disk, quota, permissions
+        print(f"prolific.py: error: {e.strerror or e}: {e.filename}; the last checkpoint is kept", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
+        if out is not None:
+            forget_unstarted_run(out, args.out is None)
         if dist.is_initialized():  # leave the process group, so that no rank waits for this one forever
             dist.destroy_process_group()
     return 0
@@ -2193,7 +2425,7 @@ def run_mesh(cfg, out, prior, particles):
         folder = os.path.join(out, f"particle{k}")
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, "mesh.glb")):
-            continue  # finished before an interruption
+            continue  # finished before an interruption (export_mesh writes mesh.glb last)
         dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=world()[0] == 0)
         export_mesh(dmtet, tex, cfg, folder)
         print(f"wrote {folder}/mesh.obj, mesh.glb, texture.png and the mesh turntables")
@@ -2207,7 +2439,6 @@ def export_mesh(dmtet, tex, cfg, folder):
     uv = uv_atlas(len(faces), size)
     image = bake_texture(vertices, faces, uv.to(vertices.device), tex, size)
     write_obj(folder, vertices, faces, uv, image)
-    write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)
     res = min(cfg.resolution, 256)
     cams = turntable_cameras(36, cfg, vertices.device)
     white = torch.ones(1, 3, device=vertices.device)
@@ -2218,6 +2449,7 @@ def export_mesh(dmtet, tex, cfg, folder):
         colours.append(to_pil(texture_image(tex, r, white)[0]))
     save_animation(normals, os.path.join(folder, "normal_turntable"))
     save_animation(colours, os.path.join(folder, "mesh_turntable"))
+    write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)  # last: it marks the particle done
 
 
 def texture_size_for(n_faces, minimum):
@@ -2255,7 +2487,14 @@ def load_config(out):
             saved = json.load(f)
     except (OSError, ValueError):
         raise UserError(f"--resume {out}: no readable config.json there") from None
-    return Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {out}: config.json holds no settings (it must be a JSON object)")
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    try:
+        check_config(cfg)
+    except UserError as e:
+        raise UserError(f"--resume {out}: config.json: {e}") from None
+    return cfg
 
 
 def save_config(cfg, out):
@@ -2264,10 +2503,10 @@ def save_config(cfg, out):
 
 
 def write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
 
 
 if __name__ == "__main__":
