@@ -302,11 +302,9 @@ def bench_render(device, sizes, repeats):
 
 
 def skip_config(cfg, on):
-    """Skipping on: as prolific.py runs. Off: the grid never refreshed (every cell occupied), no early
-    termination, and never one render instead of two: the samples and passes of the renderer before issue 9."""
-    if on:
-        return cfg
-    return replace(cfg, occupancy_every=10**9, min_transmittance=0.0, render_memory_gb=1e-9)
+    """For training with skipping on: cfg as prolific.py runs it. Off: the grid never refreshed (every cell
+    stays occupied), no early termination, never one render instead of two (a budget of ~1 byte)."""
+    return cfg if on else replace(cfg, occupancy_every=10**9, min_transmittance=0.0, render_memory_gb=1e-9)
 
 
 def trained_known_scene_field(cfg, steps):
@@ -318,11 +316,18 @@ def trained_known_scene_field(cfg, steps):
     return field, test_prolific.held_out_psnr(field, cfg)
 
 
-def nerf_step(field, cfg, camera, size, grad_rgb):
-    """The NeRF side of a stage-1 step: render_for_step, then backward_through_render with a fixed dL/dx."""
-    first = prolific.render_for_step(field, camera, size, None, cfg)
+def nerf_step(field, cfg, camera, size, grad_rgb, on):
+    """The NeRF side of a stage-1 step with a fixed dL/dx. On: render_for_step and backward_through_render as
+    train_nerf calls them. Off: the renderer before issue 9 — no grid, a no-grad render, then the deferred
+    pass over every sample."""
+    if on:
+        first = prolific.render_for_step(field, camera, size, None, cfg)
+    else:
+        with torch.no_grad():
+            first = prolific.render(field, camera, size, size, None, cfg.n_samples, cfg.n_importance)
     field.zero_grad(set_to_none=True)
-    prolific.backward_through_render(field, camera, size, first, grad_rgb, None, cfg)
+    prolific.backward_through_render(field, camera, size, first, grad_rgb, None,
+                                     cfg if on else replace(cfg, min_transmittance=0.0))
 
 
 def count_lookups(field, fn):
@@ -352,7 +357,7 @@ def peak_rss_child(state, cfg, on, size, grad_rgb):
     one = torch.ones(1)
     camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
     before = rss("VmRSS:")
-    nerf_step(field, skip_config(cfg, on), camera, size, grad_rgb)
+    nerf_step(field, cfg, camera, size, grad_rgb, on)
     return (rss("VmHWM:") - before) / 2**30
 
 
@@ -376,7 +381,7 @@ def bench_skip(device, sizes, repeats, train_steps, memory_size=512):
     rows = []
     for size in sizes:
         grad_rgb = 1e-3 * torch.randn(1, 3, size, size, device=device)
-        steps = {on: (lambda on=on: nerf_step(field, skip_config(base, on), camera, size, grad_rgb)) for on in (True, False)}
+        steps = {on: (lambda on=on: nerf_step(field, base, camera, size, grad_rgb, on)) for on in (True, False)}
         ms = median_ms({"on": steps[True], "off": steps[False]}, device, repeats)
         for on in (True, False):
             total, graph = count_lookups(field, steps[on])
@@ -400,7 +405,7 @@ def bench_skip(device, sizes, repeats, train_steps, memory_size=512):
         for on in (True, False):
             free(device)
             reset_peak(device)
-            nerf_step(field, skip_config(base, on), camera, memory_size, grad_rgb)
+            nerf_step(field, base, camera, memory_size, grad_rgb, on)
             rows.append(dict(section="skip", device=str(device), resolution=memory_size,
                              skipping="on" if on else "off", peak_gb=peak_gb(device)))
     print_table("2b. Skipping empty space on vs off, field trained on the known scene (8-level grid, 64+32 "
