@@ -1,11 +1,12 @@
 """Speed and memory of ProlificDreamer's pieces, measured side by side in one run.
 
     python bench.py                              # all sections; on a CPU small sizes only (~6-12 min)
-    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render stage1
+    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip stage1
     python bench.py --json rows.json             # also write the header and every row as JSON
 
 1. building blocks: HashGrid vs a naive per-level grid; marching tets; the mesh rasteriser
-2. the volume renderer: a no-grad render, and the training pattern (no-grad render + deferred backward)
+2. the volume renderer: a no-grad render, and the training pattern (no-grad render + deferred backward);
+   2b. skipping empty space on vs off on a trained known-scene field: lookups per pixel, ms, peak memory, PSNR
 3. one full stage-1 VSD step with Stable-Diffusion-2.1-shaped random models, ms and peak GPU memory
 
 Every time is the median over repeats after a warm-up, with torch.cuda.synchronize around each timed
@@ -296,6 +297,129 @@ def bench_render(device, sizes, repeats):
 
 
 # -----------------------------------------------------------------------------
+# 2b. Skipping empty space (issue 9): the renderer with and without its occupancy grid, early ray termination
+# and one-render path, on a field trained on the known scene of the tests (three spheres)
+
+
+def skip_config(cfg, on):
+    """For training with skipping on: cfg as prolific.py runs it. Off: the grid never refreshed (every cell
+    stays occupied), no early termination, never one render instead of two (a budget of ~1 byte)."""
+    return cfg if on else replace(cfg, occupancy_every=10**9, min_transmittance=0.0, render_memory_gb=1e-9)
+
+
+def trained_known_scene_field(cfg, steps):
+    """A NeRFField trained like test_known_scene_sds_reconstructs_the_object (test_prolific's known-scene prior),
+    and its held-out PSNR."""
+    import test_prolific
+    torch.manual_seed(0)
+    (field,) = prolific.train_nerf(test_prolific.KnownScenePrior(), replace(cfg, steps=steps))
+    return field, test_prolific.held_out_psnr(field, cfg)
+
+
+def nerf_step(field, cfg, camera, size, grad_rgb, on):
+    """The NeRF side of a stage-1 step with a fixed dL/dx. On: render_for_step and backward_through_render as
+    train_nerf calls them. Off: the renderer before issue 9 — no grid, a no-grad render, then the deferred
+    pass over every sample."""
+    if on:
+        first = prolific.render_for_step(field, camera, size, None, cfg)
+    else:
+        with torch.no_grad():
+            first = prolific.render(field, camera, size, size, None, cfg.n_samples, cfg.n_importance)
+    field.zero_grad(set_to_none=True)
+    prolific.backward_through_render(field, camera, size, first, grad_rgb, None,
+                                     cfg if on else replace(cfg, min_transmittance=0.0))
+
+
+def count_lookups(field, fn):
+    """(points looked up in the hash grid, of them with autograd: looked up again by the backward)."""
+    counts, forward = [0, 0], field.grid.forward
+
+    def counting(x):
+        counts[0] += len(x)
+        counts[1] += len(x) if torch.is_grad_enabled() else 0
+        return forward(x)
+
+    field.grid.forward = counting
+    try:
+        fn()
+    finally:
+        del field.grid.forward
+    return counts
+
+
+def peak_rss_child(state, cfg, on, size, grad_rgb):
+    """In a fresh process: the NeRF side of one step at size px; returns its peak RSS above the RSS before, GB."""
+    def rss(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
+    field = prolific.NeRFField(cfg)
+    field.load_state_dict(state)
+    one = torch.ones(1)
+    camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
+    before = rss("VmRSS:")
+    nerf_step(field, cfg, camera, size, grad_rgb, on)
+    return (rss("VmHWM:") - before) / 2**30
+
+
+def bench_skip(device, sizes, repeats, train_steps, memory_size=512):
+    """Side by side, skipping on vs off, on one trained known-scene field: field lookups per pixel and step
+    (forward and backward; the grid's refresh, R^3 lookups every `occupancy_every` steps, spread over the
+    steps), NeRF-side ms per step (median), renderer peak memory at memory_size, and the held-out PSNR of a
+    field trained with skipping on vs off."""
+    base = prolific.Config(resolution=32, random_background=0.0, grid_levels=8, grid_log2_table=14,
+                           grid_max_resolution=128, occupancy_resolution=64, method="sds")
+    t0 = time.perf_counter()
+    field, psnr_on = trained_known_scene_field(skip_config(base, True), train_steps)
+    _, psnr_off = trained_known_scene_field(skip_config(base, False), train_steps)
+    print(f"\n(2b: trained two known-scene fields, {train_steps} steps each, in {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    field = field.to(device)
+    one = torch.ones(1, device=device)
+    camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
+    refresh_lookups = base.occupancy_resolution ** 3 / base.occupancy_every
+    refresh_ms = median_ms({"refresh": lambda: field.occupancy.refresh(field.density)}, device, repeats)["refresh"]
+    rows = []
+    for size in sizes:
+        grad_rgb = 1e-3 * torch.randn(1, 3, size, size, device=device)
+        steps = {on: (lambda on=on: nerf_step(field, base, camera, size, grad_rgb, on)) for on in (True, False)}
+        ms = median_ms({"on": steps[True], "off": steps[False]}, device, repeats)
+        for on in (True, False):
+            total, graph = count_lookups(field, steps[on])
+            pixels = size * size
+            extra = refresh_lookups / pixels if on else 0.0
+            rows.append(dict(section="skip", device=str(device), resolution=size, skipping="on" if on else "off",
+                             fwd_lookups_px=total / pixels + extra, bwd_lookups_px=graph / pixels,
+                             ms_per_step=ms["on" if on else "off"] + (refresh_ms / base.occupancy_every if on else 0),
+                             psnr=psnr_on if on else psnr_off))
+    if device.type == "cpu":
+        import multiprocessing
+        state = {k: v.cpu() for k, v in field.state_dict().items()}
+        grad_rgb = 1e-3 * torch.randn(1, 3, memory_size, memory_size)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            for on in (True, False):
+                gb = pool.apply(peak_rss_child, (state, base, on, memory_size, grad_rgb))
+                rows.append(dict(section="skip", device=str(device), resolution=memory_size,
+                                 skipping="on" if on else "off", peak_gb=gb))
+    else:
+        grad_rgb = 1e-3 * torch.randn(1, 3, memory_size, memory_size, device=device)
+        for on in (True, False):
+            free(device)
+            reset_peak(device)
+            nerf_step(field, base, camera, memory_size, grad_rgb, on)
+            rows.append(dict(section="skip", device=str(device), resolution=memory_size,
+                             skipping="on" if on else "off", peak_gb=peak_gb(device)))
+    print_table("2b. Skipping empty space on vs off, field trained on the known scene (8-level grid, 64+32 "
+                "samples, 64^3 occupancy grid)", rows, [
+        ("resolution", "res", "{}"), ("skipping", "skipping", "{}"), ("fwd_lookups_px", "fwd lookups/px", "{:.1f}"),
+        ("bwd_lookups_px", "bwd lookups/px", "{:.1f}"), ("ms_per_step", "NeRF ms/step", "{:.0f}"),
+        ("peak_gb", "peak GB", "{:.2f}"), ("psnr", "held-out PSNR", "{:.2f}")])
+    print("  peak GB: on a CPU the peak RSS of a fresh process over its RSS before the step (no-grad render and "
+          "deferred pass);\n  on a GPU torch.cuda.max_memory_allocated. Lookups: points through the hash grid; "
+          "bwd: those with autograd.")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # 3. One stage-1 step with Stable-Diffusion-2.1-shaped random models
 
 
@@ -384,7 +508,7 @@ def bench_stage1(device, resolutions, steps, warmup, lora_models):
 # Command line
 
 
-SECTIONS = ("hashgrid", "tets", "raster", "render", "stage1")
+SECTIONS = ("hashgrid", "tets", "raster", "render", "skip", "stage1")
 
 
 def main(argv=None):
@@ -420,6 +544,9 @@ def main(argv=None):
     if "render" in only:
         free(device)
         rows += bench_render(device, [128, 256, 512] if gpu else [64, 128], repeats=5 if gpu else 3)
+    if "skip" in only:
+        free(device)
+        rows += bench_skip(device, [128, 256], repeats=5 if gpu else 3, train_steps=300)
     if "stage1" in only:
         # On a CPU one step takes minutes (two 866M UNets and the VAE at 512 px): 2 steps, no warm-up.
         rows += bench_stage1(device, stage1_res, steps=5 if gpu else 2, warmup=1 if gpu else 0, lora_models=stage1_lora)

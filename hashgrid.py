@@ -11,12 +11,14 @@ laid out the same way. Speed comes from splitting the work in two:
 
 * corner rows and trilinear weights depend only on the points, never on the
   tables, so they are computed without autograd;
-* a custom autograd.Function does the only table-dependent part: one gather
-  plus a batched weighted sum forward, one scatter-add (bincount) backward.
+* a custom autograd.Function does the only table-dependent part, level by
+  level: one gather plus a batched weighted sum forward, one scatter-add
+  backward (bincount on the CPU; index_add_ on CUDA, free of host syncs).
 
 The encoding gives NO gradient to its input points (only to the tables), which
 is all that NeRF-style training needs. For the backward pass it keeps each
-point's corner rows and weights: 64 bytes per point and level.
+point's corner rows and weights: 64 bytes per point and level (a lookup
+without autograd keeps none).
 """
 
 import math
@@ -30,45 +32,58 @@ _PRIMES = (1, 2654435761, 805459861)
 
 
 class _GatherInterp(torch.autograd.Function):
-    """Level l's features: out_l[n] = sum_k w_l[k, n] * table_l[idx_l[k, n]].
+    """out_l[n] = sum_k w_l[k, n] * table_l[idx_l[k, n]], level by level; gradient to the tables only.
 
-    Per level the forward is one gather plus a weighted sum over the corners
-    and the backward one scatter-add; gradient flows to the tables only.
+    Each level's corner rows and weights (64 bytes per point) are made, used and, unless the backward
+    needs them, freed before the next level's: a no-grad lookup never holds all L levels' at once
+    (at L = 16 that temporary was ~1 KB per point, most of the renderer's peak memory at 512 px).
     """
 
     @staticmethod
-    def forward(ctx, corners, *tables):  # corners: per level ((8, N) int32 rows, (8, N) weights); tables: (R_l, F)
-        ctx.save_for_backward(*(t for pair in corners for t in pair))
-        ctx.n_rows = [table.shape[0] for table in tables]
-        feats = []
-        for table, (idx, w) in zip(tables, corners):
-            corner_feats = _gather_rows(table, idx)  # (8, N, F)
+    def forward(ctx, corners, keep, xt, *tables):  # corners(xt, level) -> ((8, N) int32, (8, N)); tables (R_l, F)
+        feats, saved = [], []
+        for level, table in enumerate(tables):
+            idx, w = corners(xt, level)  # (8, N), (8, N)
             # Batched weighted sum over the corners (as fast as torch.bmm on
             # (N, 1, 8) x (N, 8, F) here, without transposing to that layout).
-            feats.append((w.unsqueeze(-1) * corner_feats).sum(0))  # (N, F)
+            feats.append((w.unsqueeze(-1) * _gather_rows(table, idx)).sum(0))  # (N, F)
+            if keep:  # for the backward, which then needs no recomputation
+                saved += [idx, w]
+        ctx.save_for_backward(*saved)
+        ctx.n_rows = [table.shape[0] for table in tables]
         return torch.cat(feats, dim=-1)  # (N, L * F)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N, L * F)
         saved = ctx.saved_tensors
-        # One transpose up front: a column of (N, L * F) is strided by L * F;
-        # multiplying by such columns cost ~25 ms per level at N = 2**18 on
-        # one core, about what this single copy costs for all levels.
-        grad_rows = grad_out.t().contiguous()  # (L * F, N)
-        n_feat = grad_rows.shape[0] // len(ctx.n_rows)
+        n_feat = grad_out.shape[1] // len(ctx.n_rows)
+        # d out_l[n, f] / d table_l[idx[k, n], f] = w[k, n]; corners that share a row must be summed.
+        scatter = _scatter_cuda if grad_out.is_cuda else _scatter_cpu
+        # On the CPU, one transpose up front: a column of (N, L * F) is strided
+        # by L * F; multiplying by such columns cost ~25 ms per level at
+        # N = 2**18 on one core, about what this single copy costs for all levels.
+        grad_rows = grad_out if grad_out.is_cuda else grad_out.t().contiguous()
         grads = []
         for level, n_rows in enumerate(ctx.n_rows):
             idx, w = saved[2 * level], saved[2 * level + 1]  # (8, N), (8, N)
-            # d out_l[n, f] / d table_l[idx[k, n], f] = w[k, n]; corners that
-            # share a row must be summed. One bincount per feature over all
-            # 8N corners: at N = 2**18 on one core it took 10 ms, vs 24-41 ms
-            # for one bincount over keys idx * F + f and 20 ms for index_add_.
-            cols = [
-                torch.bincount(idx.view(-1), weights=(w * g).view(-1), minlength=n_rows)  # (R_l,)
-                for g in grad_rows[level * n_feat : (level + 1) * n_feat]  # (N,) per feature
-            ]
-            grads.append(torch.stack(cols, dim=1))  # (R_l, F)
-        return None, *grads
+            cols = slice(level * n_feat, (level + 1) * n_feat)
+            grads.append(scatter(idx, w, grad_rows[:, cols] if grad_out.is_cuda else grad_rows[cols], n_rows))
+        return None, None, None, *grads
+
+
+def _scatter_cpu(idx, w, grad_rows, n_rows):  # (8, N), (8, N), (F, N) -> (R, F)
+    # One bincount per feature over all 8N corners: at N = 2**18 on one core
+    # 128 ms for 2 features vs 175 ms for index_add_ per feature (int64 rows),
+    # 618 ms for one index_add_ of (8N, 2) rows and 2.1 s with int32 rows.
+    return torch.stack([torch.bincount(idx.view(-1), weights=(w * g).view(-1), minlength=n_rows)
+                        for g in grad_rows], dim=1)
+
+
+def _scatter_cuda(idx, w, grad, n_rows):  # (8, N), (8, N), (N, F) -> (R, F)
+    # bincount sizes its output from the largest index, a device-to-host sync
+    # per call; index_add_ into a table-sized zero tensor has a static size.
+    values = (w.unsqueeze(-1) * grad.unsqueeze(0)).view(-1, grad.shape[1])  # (8N, F)
+    return grad.new_zeros(n_rows, grad.shape[1]).index_add_(0, idx.view(-1), values)
 
 
 def _gather_rows(table, idx):  # table (R, F), idx (8, N) -> (8, N, F)
@@ -118,9 +133,8 @@ class HashGrid(nn.Module):
         # long contiguous rows; an (N, 8) layout broadcasts over inner dims of
         # size 2 and was ~20x slower for those ops.
         xt = x.detach().t().contiguous()  # (3, N)
-        with torch.no_grad():  # rows and weights don't depend on the tables
-            corners = [self._corners(xt, level) for level in range(self.n_levels)]  # L x ((8, N), (8, N))
-        return _GatherInterp.apply(corners, *self.tables)  # (N, L * F)
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in self.tables)
+        return _GatherInterp.apply(self._corners, keep, xt, *self.tables)  # (N, L * F)
 
     def _corners(self, xt, level):
         """Table rows (int32) and trilinear weights of the 8 cell corners around each point.
@@ -133,18 +147,20 @@ class HashGrid(nn.Module):
         frac = pos - lo  # (3, N)
         lo = lo.long()
         rows = self.tables[level].shape[0]
-        if self.dense[level]:
-            stride = torch.tensor([[1], [self.resolutions[level]], [self.resolutions[level] ** 2]], device=xt.device)
-            low = lo * stride  # (3, N): each axis' share of x + y * res + z * res^2
-            high = low + stride
-        else:
+        # Per-axis factors are Python numbers, applied row by row in place: no
+        # small tensor is copied to the device (a host sync on CUDA) per call.
+        factor = (1, self.resolutions[level], self.resolutions[level] ** 2) if self.dense[level] else _PRIMES
+        low, high = lo, lo + 1  # (3, N) each
+        for axis in (1, 2):
+            low[axis] *= factor[axis]
+            high[axis] *= factor[axis]
+        if not self.dense[level]:
             # tcnn hashes in uint32: (x*p0 ^ y*p1 ^ z*p2) mod 2**32, then mod T.
             # The products fit in int64, and since T divides 2**32,
             # ((.) mod 2**32) mod T == XOR of the per-axis (product mod T):
             # masking each axis with T - 1 gives exactly tcnn's index.
-            prime = torch.tensor(_PRIMES, device=xt.device).unsqueeze(1)  # (3, 1)
-            low = (lo * prime) & (rows - 1)  # (3, N)
-            high = ((lo + 1) * prime) & (rows - 1)
+            low &= rows - 1
+            high &= rows - 1
         part = torch.stack((low, high), dim=1).int()  # (3, 2, N): lower / upper corner per axis
         weight = torch.stack((1 - frac, frac), dim=1)  # (3, 2, N)
 

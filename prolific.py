@@ -85,6 +85,10 @@ class Config:
     mlp_lr: float = 1e-3            # MLP decoders and background: 1e-3 in both references
     n_samples: int = 64             # App. F: 64 coarse + 32 fine samples per ray
     n_importance: int = 32
+    occupancy_resolution: int = 128  # empty-space skipping: Instant-NGP's 128^3 density grid over the box,
+    occupancy_every: int = 16       # refreshed every 16 steps, cells occupied above density 0.01
+    min_transmittance: float = 1e-4  # early ray termination in the deferred pass (our choice)
+    render_memory_gb: float = 0.0   # memory one render may hold; 0: a quarter of what is free (see memory_budget)
     random_background: float = 0.5  # probability of a random solid colour instead of the background MLP
     # opacity regularisers, means over the image's pixels (threestudio, configs/prolificdreamer.yaml)
     lambda_sparsity: float = 10.0   # sqrt(opacity^2 + 0.01): against fog and floaters
@@ -673,6 +677,7 @@ class NeRFField(nn.Module):
         self.density_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.color_mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 3))
         self.background = nn.Sequential(nn.Linear(15, 32), nn.SiLU(), nn.Linear(32, 3))
+        self.occupancy = OccupancyGrid(self.bound, cfg.occupancy_resolution, every=cfg.occupancy_every)
 
     def features(self, x):  # (N, 3) world -> (N, 32) grid features and (N,) inside-the-box mask
         u = (x / self.bound + 1) / 2
@@ -703,7 +708,57 @@ def field_optimizer(field, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 6. Volume rendering: 64 stratified + 32 importance samples per ray (App. F)
+# 6. Volume rendering: 64 stratified + 32 importance samples per ray (App. F), empty space skipped
+#
+# Most of a ray crosses empty space, and most of the rest lies behind the first opaque surface. Three
+# things keep the renderer from spending its work there (Instant-NGP and nerfacc do the first two):
+# an occupancy grid, so that samples are drawn only along the occupied stretches of each ray; early ray
+# termination in the deferred pass; and, where the autograd graph of the whole image fits in memory,
+# one differentiable render instead of a render and a re-render.
+
+
+class OccupancyGrid(nn.Module):
+    """Where the field may have density (Instant-NGP's density grid): the box cut into R^3 cells, each holding
+    rho, a decayed maximum of the density seen at random points in it. Every `every` training steps of its
+    particle, rho <- max(decay rho, sigma(one random point in the cell)) for every cell: a cell that turns
+    dense counts at once, one that empties fades by `decay` per refresh. A cell is occupied while
+    rho >= threshold (sigma = 0.01 across one of 128 cells of [-1, 1] lets 99.98% of the light through). All
+    cells start at the threshold, so everything is occupied until the first refresh.
+
+    How can geometry appear where the grid says empty, when the sampler puts no samples (and so no gradient)
+    there? (1) Every refresh looks at every cell, so density that appears there through shared parameters
+    (coarse hash levels, the MLPs) is seen. (2) The sampler also visits the neighbours of occupied cells (the
+    mask is dilated by one cell), so a surface can move one cell per refresh into space that was empty."""
+
+    def __init__(self, bound, resolution=128, threshold=0.01, every=16, decay=0.95):
+        super().__init__()
+        self.bound, self.threshold, self.every, self.decay = bound, threshold, every, decay
+        shape = (resolution,) * 3
+        self.register_buffer("rho", torch.full(shape, threshold))                  # (R, R, R), indexed [x, y, z]
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))          # the cells the sampler visits
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))           # training steps of the particle
+
+    def step(self, density):
+        """Count one training step of the particle; every `every`-th one, refresh."""
+        self.steps += 1
+        if int(self.steps) % self.every == 0:
+            self.refresh(density)
+
+    @torch.no_grad()
+    def refresh(self, density, chunk=1 << 18):
+        """rho <- max(decay rho, density at one random point in each cell); density: (N, 3) -> (N,)."""
+        r = self.rho.shape[0]
+        cells = torch.stack(torch.meshgrid(*[torch.arange(r, device=self.rho.device)] * 3, indexing="ij"), -1)
+        x = ((cells.view(-1, 3) + torch.rand(r**3, 3, device=self.rho.device)) / r * 2 - 1) * self.bound
+        sigma = torch.cat([density(x[k:k + chunk]) for k in range(0, len(x), chunk)]).view(r, r, r)
+        self.rho.copy_(torch.maximum(self.rho * self.decay, sigma))
+        occupied = (self.rho >= self.threshold).float()[None, None]                # (1, 1, R, R, R)
+        self.mask.copy_(F.max_pool3d(occupied, 3, stride=1, padding=1)[0, 0] > 0)  # + the 26 neighbours
+
+    def visited(self, x):  # (..., 3) world points -> (...) bool: in a cell the sampler visits
+        r = self.mask.shape[0]
+        cell = ((x / self.bound + 1) / 2 * r).long().clamp(0, r - 1)
+        return self.mask[cell[..., 0], cell[..., 1], cell[..., 2]]
 
 
 def camera_rays(camera, height, width):
@@ -727,72 +782,178 @@ def ray_box(o, d, bound, near_min=0.05):
     return near, torch.maximum(far, near + 1e-4)
 
 
-def composite(sigma, rgb, z, near, far):
-    """Alpha compositing along each ray. Sample i stands for the interval between the midpoints to its
-    neighbours (the first starts at near, the last ends at far), so the deltas tile [near, far] exactly.
-    alpha_i = 1 - exp(-sigma_i delta_i); transmittance T_i = prod_{j<i} (1 - alpha_j) is the *exclusive*
-    cumprod (the light reaching sample i has passed only the samples before it); weight w_i = T_i alpha_i.
-    sigma (N,S), rgb (N,S,3), z (N,S), near and far (N,)."""
-    mids = (z[:, 1:] + z[:, :-1]) / 2
-    edges = torch.cat([near[:, None], mids, far[:, None]], -1)                 # (N, S+1)
-    delta = torch.diff(edges, dim=-1).clamp(min=0)                             # (N, S)
+@torch.no_grad()
+def occupied_stretches(occupancy, o, d, near, far):
+    """March each ray from near to far in 2R equal steps and keep the steps whose midpoint is in a visited cell.
+    Returns cum (N, M+1), the occupied length before each step boundary (cum[:, -1] is the ray's occupied
+    length L), and the step length (N,). Without a grid: one step, all of it occupied."""
+    if occupancy is None:
+        return torch.stack([torch.zeros_like(near), far - near], -1), far - near
+    m = 2 * occupancy.mask.shape[0]                                           # steps of at most ~0.9 cell
+    step = (far - near) / m
+    mid = near[:, None] + step[:, None] * (torch.arange(m, device=o.device) + 0.5)  # (N, M)
+    visited = occupancy.visited(o[:, None] + d[:, None] * mid[..., None])     # (N, M)
+    return torch.cat([torch.zeros_like(near)[:, None], (visited * step[:, None]).cumsum(-1)], -1), step
+
+
+def to_depth(s, cum, near, step):
+    """s (N, S), distances along the occupied part of each ray -> depths z along the ray: the empty steps put
+    back. Step k holds s in [cum_k, cum_k+1) and starts at depth near + k step."""
+    k = (torch.searchsorted(cum, s.contiguous(), right=True) - 1).clamp(0, cum.shape[1] - 2)
+    return near[:, None] + step[:, None] * k + (s - cum.gather(1, k))
+
+
+def interval_lengths(s, length):
+    """Sample i of a ray stands for the interval between the midpoints to its neighbours (the first starts at
+    0, the last ends at the ray's length), so the lengths tile [0, length]. s (N, S) sorted, inf where there
+    is no sample (length 0 there)."""
+    nxt = torch.cat([s[:, 1:], torch.full_like(s[:, :1], math.inf)], -1)
+    right = torch.where(nxt.isfinite(), (s + nxt) / 2, length[:, None])
+    left = torch.cat([torch.zeros_like(s[:, :1]), right[:, :-1]], -1)
+    return torch.where(s.isfinite(), right - left, 0.0).clamp(min=0)         # (N, S)
+
+
+def composite(sigma, rgb, z, delta):
+    """Alpha compositing along each ray: alpha_i = 1 - exp(-sigma_i delta_i), delta_i the length sample i stands
+    for; transmittance T_i = prod_{j<i} (1 - alpha_j) is the *exclusive* cumprod (the light reaching sample i
+    has passed only the samples before it); weight w_i = T_i alpha_i. Cutting empty space out of a ray
+    changes nothing here: sigma is 0 there, so it absorbs no light. sigma, z, delta (N,S), rgb (N,S,3)."""
     alpha = 1 - torch.exp(-sigma * delta)
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1] + 1e-10], -1), -1)
     w = trans * alpha                                                          # (N, S)
     return w, (w[..., None] * rgb).sum(1), w.sum(-1, keepdim=True), (w * z).sum(-1, keepdim=True)
 
 
-@torch.no_grad()
-def sample_depths(field, o, d, near, far, n_samples, n_importance):
-    """Sample depths for each ray (no gradient): n_samples stratified in [near, far], then n_importance
-    more drawn from the coarse weights' piecewise-constant pdf (inverse CDF). (N, S) sorted."""
-    n = len(o)
-    bins = torch.linspace(0, 1, n_samples + 1, device=o.device)
-    u = bins[:-1] + torch.rand(n, n_samples, device=o.device) / n_samples    # one jittered sample per bin
-    z = near[:, None] + (far - near)[:, None] * u                              # (N, n_samples)
-    sigma = field.density((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3)).view(n, n_samples)
-    w, *_ = composite(sigma, torch.zeros(n, n_samples, 3, device=o.device), z, near, far)
-    pdf = (w + 1e-5) / (w + 1e-5).sum(-1, keepdim=True)                       # (N, n_samples)
-    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)        # (N, n_samples + 1)
-    v = torch.rand(n, n_importance, device=o.device)
-    k = torch.searchsorted(cdf, v, right=True).clamp(1, n_samples) - 1          # bin of each draw
-    edges = near[:, None] + (far - near)[:, None] * bins                        # (N, n_samples + 1)
-    lo, hi = edges.gather(1, k), edges.gather(1, k + 1)
-    frac = (v - cdf.gather(1, k)) / pdf.gather(1, k)
-    fine = lo + (hi - lo) * frac.clamp(0, 1)
-    return torch.sort(torch.cat([z, fine], -1), -1).values
+def shade(field, o, d, z, keep):
+    """The field at the kept samples only, zero elsewhere: sigma (N, S), rgb (N, S, 3). o, d (N, 3), z and keep
+    (N, S). A sample that is not kept costs nothing."""
+    idx = keep.reshape(-1).nonzero()[:, 0]                                    # (K,) flat sample indices
+    ray = idx // z.shape[1]
+    sigma, rgb = field(o[ray] + d[ray] * z.reshape(-1)[idx, None])            # (K,), (K, 3)
+    return (sigma.new_zeros(keep.numel()).index_put((idx,), sigma).view(keep.shape),
+            rgb.new_zeros(keep.numel(), 3).index_put((idx,), rgb).view(*keep.shape, 3))
 
 
-def render_rays(field, o, d, z, near, far, background):
-    """Shade rays at given sample depths z (N, S): differentiable w.r.t. the field."""
-    n, s = z.shape
-    sigma, rgb = field((o[:, None] + d[:, None] * z[..., None]).reshape(-1, 3))
-    w, color, opacity, depth = composite(sigma.view(n, s), rgb.view(n, s, 3), z, near, far)
+def sample_and_shade(field, o, d, near, far, occupancy, n_samples, n_importance):
+    """Draw each ray's samples and shade them; differentiable in the field when autograd is on. The samples
+    live in s, the distance along the occupied stretches of the ray (length L). First
+    ceil(n_samples L / (far - near)) stratified ones, so that the spacing is that of n_samples over the
+    whole ray; then n_importance more from their weights' piecewise-constant pdf (inverse CDF). A ray that
+    crosses no occupied cell gets none. The coarse samples are shaded once and kept in the result.
+    Returns depths z, lengths delta (0: no sample), sigma (N, S) and rgb (N, S, 3), sorted by depth."""
+    n, dev = len(o), o.device
+    cum, step = occupied_stretches(occupancy, o, d, near, far)
+    length = cum[:, -1]                                                        # (N,) L
+    count = (n_samples * length / (far - near)).ceil().clamp(max=n_samples)    # (N,) coarse samples per ray
+    j = torch.arange(n_samples + 1, device=dev)
+    valid = j[:-1] < count[:, None]                                            # (N, n_samples)
+    edges = length[:, None] * (j / count.clamp(min=1)[:, None]).clamp(max=1)  # (N, n_samples+1)
+    u = torch.rand(n, n_samples, device=dev)                                   # one jittered sample per bin
+    s = torch.where(valid, edges[:, :-1] + (edges[:, 1:] - edges[:, :-1]) * u, math.inf)
+    z = to_depth(s.clamp(max=length[:, None]), cum, near, step)
+    sigma, rgb = shade(field, o, d, z, valid)
+    with torch.no_grad():
+        w, *_ = composite(sigma, rgb, z, interval_lengths(s, length))
+        pdf = (w + 1e-5) * valid
+        pdf = pdf / pdf.sum(-1, keepdim=True).clamp(min=1e-12)                # (N, n_samples)
+        cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)    # (N, n_samples + 1)
+        v = torch.rand(n, n_importance, device=dev)
+        k = torch.searchsorted(cdf, v, right=True) - 1                         # bin of each draw
+        k = torch.minimum(k, (count.long() - 1).clamp(min=0)[:, None])         # (rounding can step past the last)
+        frac = ((v - cdf.gather(1, k)) / pdf.gather(1, k).clamp(min=1e-12)).clamp(0, 1)
+        lo, hi = edges.gather(1, k), edges.gather(1, k + 1)
+        fine = torch.where(count[:, None] > 0, lo + (hi - lo) * frac, math.inf)  # (N, n_importance)
+    sigma_f, rgb_f = shade(field, o, d, to_depth(fine.clamp(max=length[:, None]), cum, near, step), fine.isfinite())
+    s, order = torch.sort(torch.cat([s, fine], -1), -1)                        # (N, S), S = n_samples + n_importance
+    sigma = torch.cat([sigma, sigma_f], -1).gather(1, order)
+    rgb = torch.cat([rgb, rgb_f], 1).gather(1, order[..., None].expand(-1, -1, 3))
+    return to_depth(s.clamp(max=length[:, None]), cum, near, step), interval_lengths(s, length), sigma, rgb
+
+
+def render_rays(field, o, d, z, delta, keep, background):
+    """Shade rays at given samples (depths z, lengths delta, which to evaluate: keep; all (N, S)) and
+    composite over the background: differentiable w.r.t. the field."""
+    sigma, rgb = shade(field, o, d, z, keep)
+    return over_background(field, d, composite(sigma, rgb, z, delta), background)
+
+
+def over_background(field, d, composited, background):
+    w, color, opacity, depth = composited
     bg = field.background_color(d) if background is None else background
     return color + (1 - opacity) * bg, opacity, depth, w
 
 
-def render(field, camera, height, width, background=None, n_samples=64, n_importance=32, chunk=1 << 15, depths=None):
-    """Volume-render a batch of cameras. background: None (the field's MLP) or (B, 3) solid colours.
-    Returns rgb (B,3,H,W) in [0,1] composited over the background, opacity and depth (B,1,H,W), and the
-    sample depths used (B*H*W, S), so that a second pass can re-render exactly the same samples.
-    Rays are processed in chunks so that 512x512 fits in memory."""
+# Peak bytes per sample a render holds (default NeRFField, 16 levels): without autograd (each level's corner
+# rows and weights made and freed in turn), and with the graph that backward needs (every level's rows and
+# weights, the MLPs' activations). Peak RSS over 64x64 rays on the CPU: 965 and 2630 (2617 and 2865 before
+# the hash grid went level by level); rounded up.
+SAMPLE_BYTES = {False: 1200, True: 3000}
+
+
+def memory_budget(device, gb=0.0):
+    """Bytes one render may hold: gb GiB if given, else a quarter of what is free now (CUDA: free memory plus
+    PyTorch's cached blocks; CPU: MemAvailable)."""
+    if gb:
+        return int(gb * 2**30)
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 4
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) // 4
+    except (OSError, StopIteration):
+        return 2**30
+
+
+def rays_per_chunk(budget, samples, graph):
+    """The most rays whose samples fit in the budget, as a power of two between 2^8 and 2^15 (a power of two so
+    that small changes in free memory do not change the chunks, and with them the order of float sums)."""
+    rays = budget // (samples * SAMPLE_BYTES[graph])
+    return 1 << int(min(max(rays, 256), 1 << 15)).bit_length() - 1
+
+
+def render(field, camera, height, width, background=None, n_samples=64, n_importance=32, chunk=None, depths=None,
+           deltas=None, keep=None, occupancy=None):
+    """Volume-render a batch of cameras. background: None (the field's MLP) or (B, 3) solid colours;
+    occupancy: the field's OccupancyGrid to skip empty space (None: sample the whole ray). Returns rgb
+    (B,3,H,W) in [0,1] composited over the background, opacity and depth (B,1,H,W), and per ray the samples
+    used: "depths" and "deltas" (B*H*W, S) and the compositing weights (B*H*W, S), so that a second pass can
+    re-render exactly the same samples (pass depths, deltas and which of them to keep; without deltas, depths
+    tile [near, far]). With autograd on, the result carries the graph. Rays go in chunks sized to the memory
+    free (or `chunk` rays)."""
     b = len(camera.c2w)
     o, d = camera_rays(camera, height, width)                                 # (N, 3) with N = B*H*W
     near, far = ray_box(o, d, field.bound)
     bg = None if background is None else background.repeat_interleave(height * width, 0)  # (N, 3)
-    out = {"rgb": [], "opacity": [], "depth": [], "depths": []}
+    chunk = chunk or rays_per_chunk(memory_budget(o.device), n_samples + n_importance, torch.is_grad_enabled())
+    out = {"rgb": [], "opacity": [], "depth": [], "weights": [], "depths": [], "deltas": []}
     for k in range(0, len(o), chunk):
         sl = slice(k, k + chunk)
-        z = depths[sl] if depths is not None else sample_depths(field, o[sl], d[sl], near[sl], far[sl],
-                                                                n_samples, n_importance)
-        rgb, opacity, depth, _ = render_rays(field, o[sl], d[sl], z, near[sl], far[sl], None if bg is None else bg[sl])
-        for key, v in zip(out, (rgb, opacity, depth, z)):
+        if depths is None:
+            z, delta, sigma, rgb = sample_and_shade(field, o[sl], d[sl], near[sl], far[sl], occupancy, n_samples,
+                                                    n_importance)
+        else:
+            z = depths[sl]
+            delta = deltas[sl] if deltas is not None else interval_lengths(z - near[sl, None], far[sl] - near[sl])
+            sigma, rgb = shade(field, o[sl], d[sl], z, delta > 0 if keep is None else keep[sl])
+        rgb, opacity, depth, w = over_background(field, d[sl], composite(sigma, rgb, z, delta),
+                                                 None if bg is None else bg[sl])
+        for key, v in zip(out, (rgb, opacity, depth, w, z, delta)):
             out[key].append(v)
     image = lambda key, c: torch.cat(out[key]).view(b, height, width, c).permute(0, 3, 1, 2)
     return {"rgb": image("rgb", 3), "opacity": image("opacity", 1), "depth": image("depth", 1),
-            "depths": torch.cat(out["depths"])}
+            **{key: torch.cat(out[key]) for key in ("weights", "depths", "deltas")}}
 
+
+def render_for_step(field, camera, size, background, cfg):
+    """The training render x = g(theta, c). If the autograd graph of the whole image fits in the memory
+    budget (the 64-px warm-up does), render once with it and let backward_through_render go back through
+    it; otherwise render without gradient and re-render there."""
+    budget, samples = memory_budget(camera.c2w.device, cfg.render_memory_gb), cfg.n_samples + cfg.n_importance
+    graph = len(camera) * size * size * samples * SAMPLE_BYTES[True] <= budget
+    with torch.set_grad_enabled(graph):
+        return render(field, camera, size, size, background, cfg.n_samples, cfg.n_importance,
+                      rays_per_chunk(budget, samples, graph), occupancy=field.occupancy)
 
 
 def opacity_regularisers(w, opacity, n, cfg, step):
@@ -806,19 +967,33 @@ def opacity_regularisers(w, opacity, n, cfg, step):
     return cfg.lambda_sparsity * sparsity + (cfg.lambda_opaque if step >= cfg.opaque_start else 0.0) * opaque
 
 
-def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, step=0, chunk=1 << 15):
-    """Deferred back-propagation through the renderer. The first, gradient-free render gave the image;
-    the prior gave dL/d(image) = grad_rgb (B,3,H,W). Re-render the same samples chunk by chunk with
-    autograd and call backward(grad) on each chunk: the parameter gradients add up to exactly those of
-    one big differentiable render, with the memory of one chunk. The opacity regularisers join here."""
-    o, d = camera_rays(camera, size, size)
-    near, far = ray_box(o, d, field.bound)
+def kept_samples(first, min_transmittance):
+    """Early ray termination: the drawn samples whose transmittance T_i = 1 - sum_{j<i} w_j is still above the
+    threshold. Every gradient through a sample behind that point carries the factor T_i, so dropping them
+    changes the gradient by less than the threshold's share. (N, S) bool."""
+    w = first["weights"].detach()
+    return (first["deltas"] > 0) & (1 - (w.cumsum(-1) - w) > min_transmittance)
+
+
+def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, step=0, chunk=None):
+    """Back-propagate dL/d(image) = grad_rgb (B,3,H,W), which the prior gave, into the field; the opacity
+    regularisers join here. If the render kept its autograd graph, go back through it. Otherwise it was a
+    gradient-free render (deferred back-propagation): re-render its samples chunk by chunk with autograd,
+    early-terminated (kept_samples), and call backward(grad) on each chunk: the parameter gradients add up
+    to exactly those of one big differentiable render of the kept samples, with the memory of one chunk."""
     g = grad_rgb.permute(0, 2, 3, 1).reshape(-1, 3)                            # (N, 3)
+    n = len(g)
+    if first["rgb"].requires_grad:
+        opacity = first["opacity"].permute(0, 2, 3, 1).reshape(-1, 1)
+        ((first["rgb"] * grad_rgb).sum() + opacity_regularisers(first["weights"], opacity, n, cfg, step)).backward()
+        return
+    o, d = camera_rays(camera, size, size)
+    keep = kept_samples(first, cfg.min_transmittance)
     bg = None if background is None else background.repeat_interleave(size * size, 0)
-    n = len(o)
+    chunk = chunk or rays_per_chunk(memory_budget(o.device, cfg.render_memory_gb), keep.shape[1], True)
     for k in range(0, n, chunk):
         sl = slice(k, k + chunk)
-        rgb, opacity, _, w = render_rays(field, o[sl], d[sl], first["depths"][sl], near[sl], far[sl],
+        rgb, opacity, _, w = render_rays(field, o[sl], d[sl], first["depths"][sl], first["deltas"][sl], keep[sl],
                                          None if bg is None else bg[sl])
         loss = (rgb * g[sl]).sum() + opacity_regularisers(w, opacity, n, cfg, step)
         loss.backward()
@@ -1015,9 +1190,8 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
             field, opt = particles[i], optims[i]
             camera, size = sample_cameras(1, cfg, device), resolution(step, cfg)
             bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else None
-            with torch.no_grad():
-                first = render(field, camera, size, size, bg, cfg.n_samples, cfg.n_importance)  # x = g(theta, c)
-            image = first["rgb"].requires_grad_(True)                        # (1, 3, size, size)
+            first = render_for_step(field, camera, size, bg, cfg)            # x = g(theta, c)
+            image = first["rgb"].detach().requires_grad_(True)               # (1, 3, size, size)
             x0 = prior.encode(image)                                         # (1, C, h, w), graph to image
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9) or (3)
@@ -1027,6 +1201,7 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
             backward_through_render(field, camera, size, first, image.grad, bg, cfg, step)
             with signals_held():                                             # the step lands whole
                 opt.step()
+                field.occupancy.step(field.density)                          # every 16th: refresh the grid
                 loss_phi = torch.zeros(())
                 if eps_phi is not None:                                      # Eq. (8): LoRA step
                     loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
@@ -1086,7 +1261,8 @@ def save_preview(particles, cfg, path):
     cam = turntable_cameras(1, cfg, device)
     with own_rng(device, cfg.seed):
         rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
-                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance) for f in particles)]
+                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance,
+                                           occupancy=f.occupancy) for f in particles)]
     image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
     if world()[0] == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1127,7 +1303,8 @@ def write_turntable(field, cfg, folder, frames=36, size=None):
     for k, path in enumerate(paths):
         if not os.path.exists(path):
             with own_rng(device, cfg.seed + k):
-                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance)
+                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance,
+                           occupancy=field.occupancy)
             save_image(torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2), path)
     save_animation([Image.open(p).convert("RGB") for p in paths], stem)
 
