@@ -1419,7 +1419,7 @@ def test_default_regularisers_leave_no_fog():
         run_cfg = P.Config(**{**asdict(cfg), **lambdas})
         (field,) = P.train_nerf(ShiftingScenePrior(), run_cfg)
         semi[name], outside[name] = fog(field, run_cfg)
-    # measured: default 4.6% semi-transparent, 0.0000 outside; off 20% and 0.006
+    # measured: default 4.8% semi-transparent, 0.0000 outside; off 26% and 0.016
     assert semi["default"] < 0.08 and outside["default"] < 1e-3, (semi, outside)
     assert semi["off"] > 2.5 * semi["default"] and outside["off"] > 3 * outside["default"], (semi, outside)
 
