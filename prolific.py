@@ -950,8 +950,8 @@ def check_finite(step, *modules):
     # A NaN or inf anywhere makes the sum NaN or inf (inf - inf is NaN): one reduction a tensor, one device
     # sync, 5x cheaper than isfinite().all() on the CPU (no 12M-element bool temporary).
     if not torch.stack([p.detach().sum() for p in params]).sum().isfinite():
-        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; stopped. The last checkpoint "
-                              f"was saved before and is kept")
+        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; the last checkpoint (saved "
+                              f"before, finite) is kept")
 
 
 @contextlib.contextmanager
