@@ -1908,19 +1908,6 @@ def test_nan_in_g_is_zeroed_and_a_nan_parameter_stops_with_a_finite_checkpoint(t
     assert all(torch.isfinite(v).all() for v in state["particles"][0].values())
 
 
-class CountingPrior(KnownScenePrior):
-    """KnownScenePrior that sends a real SIGINT to this process at one call (None: never)."""
-
-    def __init__(self, sigint_at=None):
-        super().__init__()
-        self.sigint_at = sigint_at
-
-    def predict_noise(self, x_t, t, camera=None):
-        if self.calls + 1 == self.sigint_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().predict_noise(x_t, t, camera)
-
-
 def test_ctrl_c_in_the_update_in_a_preview_or_in_the_turntable_resumes_exactly(tmp_path, monkeypatch):
     # Issue 11 items 2 and 3. A SIGINT in the middle of a step's updates (during eps_phi's step) waits for
     # the step to finish; one during a preview saves the steps that are done; one during the final
