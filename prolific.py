@@ -1364,6 +1364,7 @@ def load_eps_phi_state(state, eps_phi, opt_phi):
 def atomic_write(path, write):
     """write(tmp), then rename tmp -> path: a crash mid-write never leaves a broken file. A write that fails
     (disk full, an interrupt) removes its temp file, keeps the previous file, and an OSError is one line."""
+    path = os.fspath(path)
     tmp = path + ".tmp" + os.path.splitext(path)[1]  # the same extension: pillow picks the format by it
     try:
         write(tmp)
