@@ -550,11 +550,11 @@ def test_raster_normals_and_depth():
         length = out["normal"].norm(dim=1)
         assert torch.allclose(length[covered], torch.ones(()), atol=1e-4)
         assert (out["normal"].abs().sum(1)[~covered] == 0).all()
-        assert (out["depth"][:, 0][~covered] == 0).all() and (out["position"].abs().sum(1)[~covered] == 0).all()
+        assert (out["z"][:, 0][~covered] == 0).all() and (out["position"].abs().sum(1)[~covered] == 0).all()
         back = camera.c2w[0, :3, 2]                                   # camera +z: towards the viewer
         centre = out["normal"][0, :, 31:33, 31:33].mean((1, 2))
         assert torch.dot(centre, back) > 0.99
-        assert abs(out["depth"][0, 0, 31:33, 31:33].mean().item() - 2.0) < 0.01  # d - r
+        assert abs(out["z"][0, 0, 31:33, 31:33].mean().item() - 2.0) < 0.01  # d - r
         # Positions lie on the (slightly faceted) sphere and the perspective-correct barycentrics sum to 1.
         radius = out["position"].norm(dim=1)[covered]
         assert ((radius > 0.99) & (radius < 1.0001)).all()
@@ -565,7 +565,7 @@ def test_raster_normals_and_depth():
         rows, cols = covered[0].nonzero().T
         assert torch.allclose(32 + focal * cam[:, 0] / -cam[:, 2], cols + 0.5, atol=1e-3)
         assert torch.allclose(32 - focal * cam[:, 1] / -cam[:, 2], rows + 0.5, atol=1e-3)
-        assert torch.allclose(-cam[:, 2], out["depth"][0, 0][covered[0]], atol=1e-5)
+        assert torch.allclose(-cam[:, 2], out["z"][0, 0][covered[0]], atol=1e-5)
 
 
 def test_raster_normal_loss_gives_vertex_gradients():
@@ -626,7 +626,7 @@ def test_raster_occlusion_keeps_hidden_outlines_solid():
     faces = torch.cat([big_faces, small_faces + len(big)])
     camera = orbit(distance=4.0, elevation=0.0, azimuth=0.0)
     out = P.render_mesh(verts, faces, camera, 96, 96)
-    assert abs(out["depth"][0, 0, 47:49, 47:49].mean().item() - 2.2) < 0.01  # the small sphere's front
+    assert abs(out["z"][0, 0, 47:49, 47:49].mean().item() - 2.2) < 0.01  # the small sphere's front
     assert (out["face_id"][0, 47:49, 47:49] >= len(big_faces)).all()
     # The small sphere's outline lies inside the big sphere's disk: the mask stays exactly 1 there.
     radius = float(camera.focal(96)[0]) * math.tan(math.asin(1 / 4.0))
