@@ -96,7 +96,7 @@ class Config:
     # 2D mode (App. G)
     two_d: bool = False             # --2d: the particles are images, g(theta) = theta
     steps_2d: int = 5000
-    steps_shapes: int = 1000        # --2d --model shapes: 32x32 pixels need fewer steps than SD latents
+    steps_shapes: int = 600         # --2d --model shapes: 32x32 pixels need fewer steps than SD latents
     anneal_2d: float = 0.2          # t's range shrinks after this fraction of the 2D steps (see anneal_2d())
     lr_2d: float = 0.03             # App. G: particle learning rate 0.03
     batch_2d: int = 8               # App. G: 8 particles per step
@@ -545,6 +545,9 @@ def make_eps_phi(prior, cfg, device, x0_shape=None):
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
         return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=0.0)
+    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: measured closer to ancestral (README)
+        net = ShapesLoRA(prior, cfg.lora_rank)
+        return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
     net = SmallScore(x0_shape or probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
     return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
 
@@ -1928,8 +1931,8 @@ def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, 
     Particles start from N(0, I); each step updates a random batch of up to cfg.batch_2d of them with Adam
     (lr cfg.lr_2d), then takes one eps_phi step (Eq. 8) on them. eps_phi: a LoRA for Stable Diffusion, the
     small from-scratch network for other priors (App. G). cfg (default Config()) gives those settings.
-    out: a folder for previews, a checkpoint.pt every cfg.save_every steps and on Ctrl-C (which then also
-    writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
+    out: a folder for previews, a checkpoint.pt every cfg.save_every steps, at the end and on Ctrl-C (which
+    then also writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
     Under torchrun n_particles is this rank's share and eps_phi's gradients are averaged over the ranks."""
     cfg = cfg or Config()
     device, rank = prior.alphas_cumprod.device, world()[0]
@@ -1977,6 +1980,8 @@ def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, 
                 save_particles(prior, theta.detach(), out, name)
                 print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
             raise KeyboardInterrupt
+    if out is not None and start < steps:  # finished: --resume (of --method compare) knows it is done
+        save_2d_checkpoint(out, method, steps, theta, opt, eps_phi, opt_phi)
     return theta.detach()
 
 
@@ -2093,7 +2098,9 @@ def run_2d(cfg, out, device, resume=False):
 def save_particles(prior, theta, out, name="particles"):
     """{name}.png (decoded, as a grid) and {name}.pt (the particles), on rank 0."""
     if world()[0] == 0:
-        save_grid(decode(prior, theta), os.path.join(out, f"{name}.png"))
+        pictures = decode(prior, theta)
+        if pictures.shape[1] == 3:  # (a prior of other particles, e.g. points, has no picture)
+            save_grid(pictures, os.path.join(out, f"{name}.png"))
         atomic_save(theta.cpu(), os.path.join(out, f"{name}.pt"))
 
 
@@ -2127,7 +2134,7 @@ def save_comparison(prior, cfg, images, out):
         canvas.paste(panel, (k * (w + 8), 20))
         draw.text((k * (w + 8) + 2, 4), line.split()[0].upper() if k else "ancestral", fill="black")
         draw.text((k * (w + 8) + 2, h + 24), " ".join(line.split()[2:]), fill="black")
-    save_image(torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).float() / 255, os.path.join(out, "comparison.png"))
+    save_image(torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255, os.path.join(out, "comparison.png"))
 
 
 def write_text_atomic(text, path):
@@ -2192,7 +2199,7 @@ def save_image(image, path):
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
-SHAPES_TRAINING = dict(steps=1500, batch=64, lr=2e-3, channels=(32, 64, 64), version=1)  # ~3 min on 2 cores
+SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, channels=(16, 32, 64), version=1)
 
 
 def shape_class(prompt):
@@ -2323,6 +2330,38 @@ class ShapesPrior:
         y = torch.tensor([self.label] * b + [len(SHAPE_CLASSES)] * b, device=x_t.device)
         eps_cond, eps_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=y).sample.chunk(2)
         return eps_uncond + self.guidance * (eps_cond - eps_uncond)
+
+
+class ShapesLoRA(nn.Module):
+    """eps_phi for the shapes prior: a copy of its UNet with rank-r LoRA on every convolution and attention
+    projection, conditioned on the prompt's class (y in Eq. 9), trained with eps-prediction. LoRA's B
+    starts at zero, so eps_phi starts as the prior's class-conditional eps without CFG."""
+
+    def __init__(self, prior, rank=4):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
+        self.unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
+                                            copy.deepcopy(prior.unet))
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.label = prior.label
+
+    def trainable(self):
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def forward(self, x_t, t, camera=None):
+        return self.unet(x_t, t, class_labels=torch.full((len(x_t),), self.label, device=x_t.device)).sample
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, camera):
+        return self(x_t, t)
+
+    def loss(self, x0, camera, alphas_cumprod):
+        """Eq. (8): ||eps_phi(x_t, t, y) - eps||^2 on the detached particles, t ~ U{0..999}."""
+        t = torch.randint(0, 1000, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(self(add_noise(x0.detach(), t, eps, alphas_cumprod), t), eps)
 
 
 def shape_seen(image):
