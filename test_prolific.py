@@ -1051,11 +1051,14 @@ def test_distill_images_vsd_samples_the_prior_sds_collapses():
     prior = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
     cfg = P.Config(batch_2d=64, lr_2d=0.05, anneal_2d=1.0)                  # no annealing, as App. G's Fig. 3
     exact = prior.sample(64, torch.Generator().manual_seed(0)).view(64, 2, 1, 1)
-    vsd = P.distill_images(prior, 64, (2, 1, 1), "vsd", steps=400, seed=0, cfg=cfg)
-    sds = P.distill_images(prior, 64, (2, 1, 1), "sds", steps=400, seed=0, cfg=cfg)
+    vsd = P.distill_images(prior, 64, (2, 1, 1), "vsd", steps=250, seed=0, cfg=cfg)
+    sds = P.distill_images(prior, 64, (2, 1, 1), "sds", steps=250, seed=0, cfg=cfg)
     assert vsd.shape == (64, 2, 1, 1)
+    # As diverse as the prior's own samples: 64 samples' mean pairwise distance varies by ~10% from draw to
+    # draw, and Adam at a fixed lr keeps the particles jittering by ~lr, which adds a little spread
+    # (measured: 1.10-1.14 for seeds 0 and 1; SDS 0.15-0.18).
     ratio = P.diversity(vsd) / P.diversity(exact)
-    assert 0.75 < ratio < 1.25, ratio                                       # as diverse as the prior's samples
+    assert 0.75 < ratio < 1.3, ratio
     assert P.diversity(sds) < 0.3 * P.diversity(exact)                      # SDS collapses
     weights = [w for w, _, _ in P.mode_stats(P.TOY_MEANS, vsd.flatten(1))]
     assert all(w > 0.05 for w in weights), weights                          # every mode is found
