@@ -545,7 +545,7 @@ def make_eps_phi(prior, cfg, device, x0_shape=None):
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
         return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=0.0)
-    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: measured closer to ancestral (README)
+    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: cheaper than SmallScore at 32x32 (README)
         net = ShapesLoRA(prior, cfg.lora_rank)
         return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
     net = SmallScore(x0_shape or probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
@@ -2199,7 +2199,7 @@ def save_image(image, path):
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
-SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, channels=(16, 32, 64), version=1)
+SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, channels=(16, 32, 64), version=1)  # under-trained: README
 
 
 def shape_class(prompt):
