@@ -545,7 +545,7 @@ def make_eps_phi(prior, cfg, device, x0_shape=None):
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
         return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=0.0)
-    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: cheaper than SmallScore at 32x32 (README)
+    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: cleaner particles than SmallScore (README)
         net = ShapesLoRA(prior, cfg.lora_rank)
         return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
     net = SmallScore(x0_shape or probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
