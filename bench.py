@@ -242,7 +242,7 @@ def bench_raster(device, sizes, repeats, res=512):
 
         def forward_backward():
             out = render_mesh(verts, faces, camera, res, res)
-            (out["mask"].sum() + out["normal"].sum() + out["depth"].sum()).backward()
+            (out["mask"].sum() + out["normal"].sum() + out["z"].sum()).backward()
             verts.grad = None
 
         reset_peak(device)

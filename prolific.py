@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import re
 import signal
 import struct
@@ -52,7 +53,7 @@ class Config:
     # what to make
     prompt: str = ""
     negative_prompt: str = ""
-    method: str = "vsd"             # vsd (Eq. 9) | sds (Eq. 3); the 2D mode also has ancestral
+    method: str = "vsd"             # vsd (Eq. 9) | sds (Eq. 3); the 2D mode also has ancestral and compare
     particles: int = 1              # n in Algorithm 1; the paper uses 1 (up to 4 in 3D, 8 in 2D)
     seed: int = 0
     # diffusion models
@@ -105,7 +106,10 @@ class Config:
     lambda_laplacian: float = 0.5
     texture_size: int = 2048        # texture atlas (2048^2 holds ~330k triangles)
     # 2D mode (App. G)
+    two_d: bool = False             # --2d: the particles are images, g(theta) = theta
     steps_2d: int = 5000
+    steps_shapes: int = 600         # --2d --model shapes: 32x32 pixels need fewer steps than SD latents
+    anneal_2d: float = 0.2          # t's range shrinks after this fraction of the 2D steps (see anneal_2d())
     lr_2d: float = 0.03             # App. G: particle learning rate 0.03
     batch_2d: int = 8               # App. G: 8 particles per step
     # bookkeeping
@@ -300,6 +304,15 @@ def load_unet(model, dtype):
     return unet
 
 
+def scheduler_config(model):
+    """The model's noise schedule (scheduler/scheduler_config.json, cached by load_unet); the random
+    models have SD's scaled-linear schedule."""
+    from diffusers import DDPMScheduler
+    if model in RANDOM_MODELS:
+        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config
+    return DDPMScheduler.load_config(model, subfolder="scheduler")
+
+
 VIEWS = ("front", "side", "back", "overhead")
 
 
@@ -331,6 +344,7 @@ class StableDiffusionPrior:
         self.guidance = guidance
         self.scale = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
         self.image_size = unet.config.sample_size * self.scale      # 512 for SD 2.1-base
+        self.scheduler_config = scheduler_config(cfg.model)         # for the DPM-Solver++ baseline
         prompts = [cfg.prompt] + [f"{cfg.prompt}, {v} view" for v in VIEWS] + [cfg.negative_prompt]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
@@ -565,13 +579,16 @@ class SmallScore(nn.Module):
         return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t, camera), eps)
 
 
-def make_eps_phi(prior, cfg, device):
-    """LoRA for Stable Diffusion, a small from-scratch network for any other prior (shaped like the x0 of
-    one cfg.resolution render). Returns the network and its optimiser (lr 1e-4 for LoRA, App. F)."""
+def make_eps_phi(prior, cfg, device, x0_shape=None):
+    """LoRA for Stable Diffusion, a small from-scratch network for any other prior (shaped like x0_shape,
+    or the x0 of one cfg.resolution render). Returns the network and its optimiser (lr 1e-4 for LoRA, App. F)."""
     if isinstance(prior, StableDiffusionPrior):
         net = LoRAScore(prior, cfg)
         return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=cfg.lora_weight_decay)
-    net = SmallScore(probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
+    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: cleaner particles than SmallScore (README)
+        net = ShapesLoRA(prior, cfg.lora_rank)
+        return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
+    net = SmallScore(x0_shape or probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
     return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
 
 
@@ -920,7 +937,8 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
     used: "depths" and "deltas" (B*H*W, S) and the compositing weights (B*H*W, S), so that a second pass can
     re-render exactly the same samples (pass depths, deltas and which of them to keep; without deltas, depths
     tile [near, far]). With autograd on, the result carries the graph. Rays go in chunks sized to the memory
-    free (or `chunk` rays)."""
+    free (or `chunk` rays). depth is distance along the (unit) ray, composited: sum_i w_i z_i, so depth / opacity
+    is the expected distance to the surface (render_mesh's "z" is camera-space z instead, a different quantity)."""
     b = len(camera.c2w)
     o, d = camera_rays(camera, height, width)                                 # (N, 3) with N = B*H*W
     near, far = ray_box(o, d, field.bound)
@@ -1591,7 +1609,7 @@ def _surface(vertices, faces, screen, depth, face_id, height, width, smooth_norm
         normal = (weights[..., None] * F.normalize(vertex_normal, dim=-1)[corners]).sum(1)
     else:
         normal = face_normal[fid]
-    return pixel, dict(normal=F.normalize(normal, dim=-1), depth=pix_depth, position=position, bary=weights)
+    return pixel, dict(normal=F.normalize(normal, dim=-1), z=pix_depth, position=position, bary=weights)
 
 
 def _soft_mask(faces, screen, silhouette, face_id, edge_face, shape, sigma, margin):
@@ -1622,7 +1640,8 @@ def render_mesh(vertices, faces, camera, height, width, *, smooth_normals=False,
                 and gets gradients; elsewhere it is the hard 0/1 coverage.
       normal    (B,3,H,W) world-space unit normal: the face normal, or the interpolated vertex normal
                 if smooth_normals.
-      depth     (B,1,H,W) distance along the camera's -z axis.
+      z         (B,1,H,W) camera-space depth: the distance along the camera's -z axis (not along the
+                ray, which `render`'s "depth" is: z = depth * cos(angle between the ray and -z)).
       position  (B,3,H,W) world-space surface point.
       bary      (B,3,H,W) perspective-correct barycentrics of the visible face (for texturing).
       face_id   (B,H,W) long index of the visible face, -1 where none.
@@ -2249,98 +2268,497 @@ def save_scatter(panels, path, means, size=320, lim=3.0):
     img.save(path)
 
 
-def run_2d(cfg, out, device):
-    """The paper's 2D experiment (Fig. 3, App. G): particles are SD latents, g(theta) = theta.
-    VSD trains a LoRA eps_phi at CFG 7.5, SDS uses CFG 100; ancestral is DPM-Solver++ for comparison.
-    Each step updates a random batch of up to batch_2d particles, then takes one eps_phi step on them.
-    Under torchrun each rank does so with its own particles: a step moves N batches, and eps_phi's step
-    averages over all of them."""
-    rank = world()[0]
-    torch.manual_seed(cfg.seed)
-    prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
-    if rank == 0:
-        announce(cfg, device, prior)
-    n, size = len(my_particles(cfg)), prior.unet.config.sample_size  # this rank's n
-    eps_phi, opt_phi = None, None
-    if cfg.method == "vsd":
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
-        broadcast_params(eps_phi)                                 # one eps_phi on all ranks
-    torch.manual_seed(cfg.seed + 1000 * rank)                     # this rank's own random stream
-    if cfg.method == "ancestral":
-        latents = gather_cat(ancestral_sample(prior, n, size, device))
-        if rank == 0:
-            save_grid(prior.decode(latents), os.path.join(out, "particles.png"))
-        return
-    theta = torch.randn(n, 4, size, size, device=device).requires_grad_(True)  # (n, 4, h, w) SD latents
+def anneal_2d(cfg, steps):
+    """The 2D mode's annealing step: t ~ U(0.02, 0.98), then U(0.02, 0.50) after the first cfg.anneal_2d of
+    the steps. App. G anneals its LoRA runs (Fig. 16) without saying when; 0.2 is App. F's 5k of 25k."""
+    return int(cfg.anneal_2d * steps)
+
+
+def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, cfg=None, out=None,
+                   name="particles", resume=False, progress=False):
+    """Algorithm 1 with the identity render g(theta) = theta (Fig. 3, App. G) on n images in the space the
+    prior diffuses in: shape (C, h, w) is (4, 64, 64) for SD latents, (3, 32, 32) for the shapes model's
+    pixels, anything for a prior of your own. Returns (n, *shape).
+
+    Particles start from N(0, I); each step updates a random batch of up to cfg.batch_2d of them with Adam
+    (lr cfg.lr_2d), then takes one eps_phi step (Eq. 8) on them. eps_phi: a LoRA for Stable Diffusion, the
+    small from-scratch network for other priors (App. G). cfg (default Config()) gives those settings.
+    out: a folder for previews, a checkpoint.pt every cfg.save_every steps, at the end and on Ctrl-C (which
+    then also writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
+    Under torchrun n_particles is this rank's share and eps_phi's gradients are averaged over the ranks."""
+    cfg = cfg or Config()
+    device, rank = prior.alphas_cumprod.device, world()[0]
+    torch.manual_seed(seed)
+    eps_phi, opt_phi = make_eps_phi(prior, cfg, device, (1, *shape)) if method == "vsd" else (None, None)
+    if eps_phi is not None:
+        broadcast_params(eps_phi)                                            # one eps_phi on all ranks
+    torch.manual_seed(seed + 1000 * rank)                                    # this rank's own random stream
+    theta = torch.randn(n_particles, *shape, device=device).requires_grad_(True)  # (n, C, h, w)
     opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
-    bar = progress_bar(range(cfg.steps_2d), rank == 0, desc=f"2D {cfg.method}")
-    step = 0
-    try:
+    start = load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi) if resume else 0  # built, then restored
+    bar = progress_bar(range(start, steps), progress and rank == 0, desc=f"2D {method}", initial=start, total=steps)
+    with interrupt_between_steps() as stop:
         for step in bar:
-            idx = torch.randperm(n, device=device)[:cfg.batch_2d]
-            x0 = theta[idx]                                           # (b, 4, h, w)
-            t = sample_t(len(idx), *t_range(step, cfg, cfg.anneal_step), device)
-            g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)
+            if stop.requested:
+                break
+            idx = torch.randperm(n_particles, device=device)[:cfg.batch_2d]
+            x0 = theta[idx]                                                  # (b, C, h, w): g(theta) = theta
+            t = sample_t(len(idx), *t_range(step, cfg, anneal_2d(cfg, steps)), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)  # Eq. (9) or (3)
             opt.zero_grad()
             surrogate_loss(x0, g).backward()
             opt.step()
             loss_phi = torch.zeros(())
-            if eps_phi is not None:                                   # Eq. (8) on the updated latents
+            if eps_phi is not None:                                          # Eq. (8) on the updated particles
                 loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
                 opt_phi.zero_grad()
                 loss_phi.backward()
-                all_reduce_grads(eps_phi)                             # mean over the ranks
+                all_reduce_grads(eps_phi)                                    # mean over the ranks
                 opt_phi.step()
             bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
-            if (step + 1) % cfg.preview_every == 0:
+            if out is not None and (step + 1) % cfg.preview_every == 0:
                 preview = gather_cat(theta.detach()[:16])[:16]
                 if rank == 0:
-                    save_grid(prior.decode(preview), os.path.join(out, f"preview_{step + 1:06d}.png"))
-                log(out, f"step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
-    except KeyboardInterrupt:  # keep the particles so far (torchrun ranks cannot meet to gather them)
-        if world()[1] == 1:
-            save_particles(prior, theta.detach(), out)
-            print(f"\ninterrupted at step {step}; the particles so far are in {out}", file=sys.stderr)
-        raise
-    save_particles(prior, gather_cat(theta.detach()), out)                # (P, 4, h, w): every rank's
+                    stem = "preview" if name == "particles" else f"{name}_preview"
+                    save_grid(decode(prior, preview), os.path.join(out, f"{stem}_{step + 1:06d}.png"))
+                log(out, f"{method} step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
+            if out is not None and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                save_2d_checkpoint(out, method, step + 1, theta, opt, eps_phi, opt_phi)
+        else:
+            step = steps
+        if stop.requested:  # between two steps: the checkpoint holds `step` whole steps
+            if out is not None:
+                save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi)
+                save_particles(prior, theta.detach(), out, name)
+                print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
+            raise KeyboardInterrupt
+    if out is not None and start < steps:  # finished: --resume (of --method compare) knows it is done
+        save_2d_checkpoint(out, method, steps, theta, opt, eps_phi, opt_phi)
+    return theta.detach()
 
 
-def save_particles(prior, theta, out):
-    """particles.png (decoded, as a grid) and particles.pt (the latents), on rank 0."""
+class interrupt_between_steps:
+    """Inside the block Ctrl-C (SIGINT) and kill (SIGTERM) only set .requested, so that a loop stops between
+    two steps and its checkpoint holds whole steps; a second one stops at once. Does nothing under torchrun
+    (the ranks could not meet to save; the last periodic checkpoint is kept) or off the main thread."""
+
+    def __enter__(self):
+        self.requested, self.old = False, {}
+        if world()[1] == 1 and threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi):
+    """A 2D run before `step`: every rank's particles, Adam state and RNG states (gathered on rank 0), and
+    eps_phi's trainable weights and optimiser. Atomic."""
+    state = {"method": method, "step": step, "world_size": world()[1], "theta": gather_lists([theta.detach()]),
+             "opt": gather_lists([opt.state_dict()]), "rng": gather_lists([rng_state()])}
     if world()[0] == 0:
-        save_grid(prior.decode(theta), os.path.join(out, "particles.png"))
-        torch.save(theta.cpu(), os.path.join(out, "particles.pt"))
+        atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
+
+
+def read_2d_checkpoint(out):
+    """out/checkpoint.pt of a 2D run, loaded with weights_only=True (tensors, numbers, strings: no code)."""
+    try:
+        return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume {out}: checkpoint.pt cannot be read ({type(e).__name__}); start a new run") from None
+
+
+def load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi):
+    """Restore this rank's part of a 2D checkpoint of `method`; returns the step to continue from (0 if
+    the checkpoint belongs to another method: --method compare starts that one afresh)."""
+    state = read_2d_checkpoint(out)
+    rank, n = world()
+    if state["world_size"] != n:
+        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
+                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+    if state["method"] != method:
+        return 0
+    theta.data.copy_(state["theta"][rank])
+    opt.load_state_dict(state["opt"][rank])
+    load_eps_phi_state(state, eps_phi, opt_phi)
+    torch.set_rng_state(state["rng"][rank]["cpu"])
+    if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
+    return state["step"]
+
+
+def decode(prior, x):
+    """Particles -> pictures (B, 3, H, W) in [0, 1]: the prior's decoder (SD's VAE, the shapes model's
+    [-1, 1] -> [0, 1]), or, for a prior without one, the particles themselves."""
+    return prior.decode(x) if hasattr(prior, "decode") else x.clamp(0, 1)
+
+
+def two_d_prior(cfg, device):
+    if cfg.model == "shapes":
+        unet = shapes_model(cfg.resolution, cfg.seed, progress=world()[0] == 0)
+        return ShapesPrior(unet, shape_class(cfg.prompt), guidance_scale(cfg, cfg.method), device)
+    return StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
+
+
+COMPARED = ("ancestral", "vsd", "sds")  # the columns of Fig. 3; --method compare runs vsd, sds, ancestral
+
+
+def run_2d(cfg, out, device, resume=False):
+    """The 2D mode from the command line: one method (particles.png/.pt), or --method compare, the default
+    with --model shapes: VSD, SDS and ancestral sampling of the same prior and prompt (vsd.png, sds.png,
+    ancestral.png and .pt), side by side in comparison.png with the table in comparison.txt.
+    Returns the files written."""
+    rank = world()[0]
+    prior = two_d_prior(cfg, device)
+    if rank == 0:
+        announce(cfg, device, prior)
+    n = len(my_particles(cfg))                                               # this rank's particles
+    size = prior.image_size
+    shape = tuple(prior.encode(torch.zeros(1, 3, size, size, device=device)).shape[1:])  # (C, h, w)
+    methods = ("vsd", "sds", "ancestral") if cfg.method == "compare" else (cfg.method,)
+    saved = read_2d_checkpoint(out)["method"] if resume and os.path.exists(os.path.join(out, "checkpoint.pt")) else None
+    done = methods[:methods.index(saved)] if saved in methods else ()       # finished before the interruption
+    results = {}
+    for method in methods:
+        name = method if cfg.method == "compare" else "particles"
+        use_guidance(prior, guidance_scale(cfg, method))
+        if method in done:
+            results[method] = torch.load(os.path.join(out, f"{name}.pt"), weights_only=True) if rank == 0 else None
+            continue
+        if method == "ancestral":
+            torch.manual_seed(cfg.seed + 1000 * rank)
+            theta = ancestral_sample(prior, n, shape, device)
+        else:
+            theta = distill_images(prior, n, shape, method, cfg.steps_2d, cfg.seed, cfg, out, name,
+                                   resume=method == saved, progress=True)
+        results[method] = gather_cat(theta)                                  # (P, C, h, w): every rank's
+        save_particles(prior, results[method], out, name)
+    written = [f"{name}.png" for name in (methods if cfg.method == "compare" else ("particles",))]
+    if cfg.method == "compare" and rank == 0:
+        save_comparison(prior, cfg, {m: decode(prior, results[m].to(device)) for m in COMPARED}, out)
+        written = ["comparison.png", "comparison.txt"] + written
+    return [os.path.join(out, f) for f in written if os.path.exists(os.path.join(out, f))]
+
+
+def save_particles(prior, theta, out, name="particles"):
+    """{name}.png (decoded, as a grid) and {name}.pt (the particles), on rank 0."""
+    if world()[0] == 0:
+        pictures = decode(prior, theta)
+        if pictures.shape[1] == 3:  # (a prior of other particles, e.g. points, has no picture)
+            save_grid(pictures, os.path.join(out, f"{name}.png"))
+        atomic_save(theta.cpu(), os.path.join(out, f"{name}.pt"))
+
+
+def diversity(images):
+    """Mean pairwise distance of (B, 3, H, W) pictures in [0, 1]: the RMS pixel difference of each pair."""
+    x = images.flatten(1).float()
+    d = torch.cdist(x, x) / x.shape[1] ** 0.5                               # (B, B), zero diagonal
+    return (d.sum() / (len(x) * (len(x) - 1))).item()
+
+
+def save_comparison(prior, cfg, images, out):
+    """Fig. 3: ancestral | VSD | SDS side by side in comparison.png; per method the diversity and, for the
+    shapes model, how many pictures show the asked class (shape_seen); the table printed and in comparison.txt."""
+    asked = getattr(prior, "label", None)
+    lines = [f"{'method':10s} {'CFG':>5s} {'diversity':>9s}" + (f"  {'shows ' + SHAPE_CLASSES[asked]:>18s}" if asked is not None else "")]
+    for method, x in images.items():
+        line = f"{method:10s} {guidance_scale(cfg, method):5.1f} {diversity(x):9.3f}"
+        if asked is not None:
+            hits = sum(shape_seen(im.cpu()) == asked for im in x)
+            line += f"  {f'{hits}/{len(x)}':>18s}"
+        lines.append(line)
+    print("\n".join(lines))
+    write_text_atomic("\n".join(lines) + "\n", os.path.join(out, "comparison.txt"))
+    zoom = max(1, 96 // images["vsd"].shape[-1])                             # 32 px pictures drawn 3x larger
+    panels = [to_pil(grid_image(x)).resize((zoom * grid_image(x).shape[2], zoom * grid_image(x).shape[1]), Image.NEAREST)
+              for x in images.values()]
+    w, h = panels[0].size
+    canvas = Image.new("RGB", (3 * (w + 8), h + 40), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (panel, line) in enumerate(zip(panels, lines[1:])):
+        canvas.paste(panel, (k * (w + 8), 20))
+        draw.text((k * (w + 8) + 2, 4), line.split()[0].upper() if k else "ancestral", fill="black")
+        draw.text((k * (w + 8) + 2, h + 24), " ".join(line.split()[2:]), fill="black")
+    save_image(torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255, os.path.join(out, "comparison.png"))
+
+
+def write_text_atomic(text, path):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def scheduler_config_of(prior):
+    """The prior's own noise schedule (its scheduler_config), or one built from its alphas_cumprod."""
+    if getattr(prior, "scheduler_config", None) is not None:
+        return prior.scheduler_config
+    ac = prior.alphas_cumprod.double().cpu()
+    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])                   # a_t = prod (1 - beta)
+    return {"num_train_timesteps": len(ac), "trained_betas": betas.tolist()}
 
 
 @torch.no_grad()
-def ancestral_sample(prior, n, size, device, steps=50):
-    """The diffusers DPM-Solver++ (50 steps) sample of the same prior at CFG 7.5, for comparison."""
+def ancestral_sample(prior, n, shape, device, steps=50):
+    """DPM-Solver++ (50 steps) of the same prior and guidance, for comparison: the diffusers scheduler built
+    from the model's own scheduler config. predict_noise returns eps (v-prediction already converted)."""
     from diffusers import DPMSolverMultistepScheduler
-    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        algorithm_type="dpmsolver++")
+    sched = DPMSolverMultistepScheduler.from_config(scheduler_config_of(prior), algorithm_type="dpmsolver++",
+                                                    prediction_type="epsilon")
     sched.set_timesteps(steps, device=device)
-    latents = torch.randn(n, 4, size, size, device=device)
+    x = torch.randn(n, *shape, device=device)
     for t in progress_bar(sched.timesteps, world()[0] == 0, desc="DPM-Solver++"):
-        eps = prior.predict_noise(latents, t.expand(n).to(device), None)
-        latents = sched.step(eps, t, latents).prev_sample
-    return latents
+        x = sched.step(prior.predict_noise(x, t.expand(n).to(device), None), t, x).prev_sample
+    return x
 
 
 def save_grid(images, path):
     """(B, 3, H, W) in [0,1] -> one PNG grid, as square as possible."""
+    save_image(grid_image(images), path)
+
+
+def grid_image(images):
     b, _, h, w = images.shape
     cols = math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
     grid = torch.ones(3, rows * h, cols * w)
     for i, im in enumerate(images.float().cpu()):
         grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    save_image(grid, path)
+    return grid                                                              # (3, rows h, cols w)
 
 
 def save_image(image, path):
     """(3, H, W) in [0,1] -> PNG, written to a temp file and renamed so a crash never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, to_pil(image.detach()).save)
+
+
+# --- The shapes prior: a small class-conditional pixel diffusion model, trained on the CPU in minutes ---
+#
+# So that a laptop can see VSD make pictures (Fig. 3) from a model that learned from data: a diffusers
+# UNet2DModel with a class embedding, trained with eps-prediction on coloured shapes that pillow draws at
+# run time, with 10% label dropout for classifier-free guidance. Pixels in [-1, 1]; DDPM's linear
+# schedule (betas 1e-4 .. 0.02), the usual one for pixel models (SD's ends too noisy for pixels).
+
+SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
+SHAPE_KINDS = ("circle", "square", "triangle")
+SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
+SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, channels=(16, 32, 64), version=1)  # under-trained: README
+
+
+def shape_class(prompt):
+    """The class a prompt names: "a red circle" -> 0. One known class, or a one-line UserError."""
+    words = {w[:-1] if w.endswith("s") else w for w in re.findall(r"[a-z]+", prompt.lower())}  # "circles" too
+    hits = [k for k, name in enumerate(SHAPE_CLASSES) if set(name.split()) <= words]
+    if len(hits) != 1:
+        raise UserError(f"--model shapes draws one of these classes, and the prompt {prompt!r} names "
+                        f"{'several' if hits else 'none'}: {', '.join(SHAPE_CLASSES)}")
+    return hits[0]
+
+
+def draw_shapes(labels, size, rng):
+    """The class of each label in its colour on white: random centre, rotation and circumradius (18-32%
+    of the side), drawn 4x larger and box-filtered (anti-aliased). rng: numpy Generator. (B,3,size,size) in [0,1]."""
+    images = []
+    for label in labels.tolist():
+        colour, kind = SHAPE_CLASSES[label].split()
+        s = 4 * size
+        r = rng.uniform(0.18, 0.32) * s
+        cx, cy = rng.uniform(r, s - r, 2)
+        img = Image.new("RGB", (s, s), "white")
+        draw = ImageDraw.Draw(img)
+        if kind == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=SHAPE_COLOURS[colour])
+        else:
+            corners, turn = (4, 3)[kind == "triangle"], rng.uniform(0, 2 * math.pi)
+            draw.polygon([(cx + r * math.cos(turn + 2 * math.pi * k / corners),
+                           cy + r * math.sin(turn + 2 * math.pi * k / corners)) for k in range(corners)],
+                         fill=SHAPE_COLOURS[colour])
+        images.append(np.asarray(img.resize((size, size), Image.BOX)))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def shapes_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+def shapes_unet(size):
+    from diffusers import UNet2DModel
+    ch = SHAPES_TRAINING["channels"]
+    return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=ch, layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * len(ch), up_block_types=("UpBlock2D",) * len(ch),
+                       num_class_embeds=len(SHAPE_CLASSES) + 1, norm_num_groups=8)
+
+
+def train_shapes_model(size, seed, progress=False, **training):
+    """Eq. (8)'s loss for a prior: ||eps_theta(x_t, t, y) - eps||^2 on freshly drawn shapes, y dropped to
+    the "no class" label 10% of the time (classifier-free guidance). Returns the UNet."""
+    hp = {**SHAPES_TRAINING, **training}
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    unet = shapes_unet(size)
+    opt = torch.optim.AdamW(unet.parameters(), lr=hp["lr"])
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / hp["steps"])))
+    ac = shapes_scheduler().alphas_cumprod.float()
+    bar = progress_bar(range(hp["steps"]), progress, desc="training the shapes model")
+    for step in bar:
+        labels = torch.from_numpy(rng.integers(0, len(SHAPE_CLASSES), hp["batch"]))
+        x0 = 2 * draw_shapes(labels, size, rng) - 1                          # (B, 3, size, size) in [-1, 1]
+        y = torch.where(torch.rand(len(labels)) < 0.1, len(SHAPE_CLASSES), labels)
+        t = torch.randint(0, 1000, (len(x0),))
+        eps = torch.randn_like(x0)
+        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+        bar_info(bar, loss=f"{loss.item():.4f}")
+    return unet.eval()
+
+
+def shapes_cache_dir():
+    """Where trained shapes models are kept: $PROLIFIC_CACHE, else $XDG_CACHE_HOME/prolific, else ~/.cache/prolific."""
+    if os.environ.get("PROLIFIC_CACHE"):
+        return os.environ["PROLIFIC_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prolific")
+
+
+def shapes_model(size=32, seed=0, progress=False, **training):
+    """The trained shapes UNet for this size and seed: from the cache, or trained now and cached.
+    A cache file that cannot be read, or was trained with other settings, is trained again."""
+    hp = {**SHAPES_TRAINING, **training, "size": size, "seed": seed}
+    path = os.path.join(shapes_cache_dir(), f"shapes-{size}px-seed{seed}.pt")
+    unet = shapes_unet(size)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["training"] != {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}:
+            raise ValueError("trained with other settings")
+        unet.load_state_dict(state["unet"])
+        return unet.eval()
+    except FileNotFoundError:
+        print(f"training the shapes model ({hp['steps']} steps, a few minutes on a CPU); it is cached in {path}")
+    except Exception as e:
+        print(f"the cached shapes model {path} is unusable ({type(e).__name__}: {e}); training it again")
+    unet = train_shapes_model(size, seed, progress, **training)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save({"training": {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()},
+                     "unet": unet.state_dict()}, path)
+    except OSError as e:
+        print(f"could not cache the shapes model in {path} ({e.strerror}); set PROLIFIC_CACHE to a writable folder")
+    return unet
+
+
+class ShapesPrior:
+    """eps_pretrain of the shapes model for one class, with CFG: eps_uncond + s (eps_cond - eps_uncond).
+    encode: pixels [0,1] -> [-1,1] at the model's size; decode: back."""
+
+    def __init__(self, unet, label, guidance, device):
+        self.unet = unet.to(device).requires_grad_(False).eval()
+        self.label, self.guidance, self.device = label, guidance, device
+        self.image_size = unet.config.sample_size
+        self.scheduler_config = shapes_scheduler().config
+        self.alphas_cumprod = shapes_scheduler().alphas_cumprod.float().to(device)
+
+    def encode(self, images):
+        x = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    def decode(self, x):
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, camera=None):
+        b = len(x_t)
+        y = torch.tensor([self.label] * b + [len(SHAPE_CLASSES)] * b, device=x_t.device)
+        eps_cond, eps_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=y).sample.chunk(2)
+        return eps_uncond + self.guidance * (eps_cond - eps_uncond)
+
+
+class ShapesLoRA(nn.Module):
+    """eps_phi for the shapes prior: a copy of its UNet with rank-r LoRA on every convolution and attention
+    projection, conditioned on the prompt's class (y in Eq. 9), trained with eps-prediction. LoRA's B
+    starts at zero, so eps_phi starts as the prior's class-conditional eps without CFG."""
+
+    def __init__(self, prior, rank=4):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
+        self.unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
+                                            copy.deepcopy(prior.unet))
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.label = prior.label
+
+    def trainable(self):
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def forward(self, x_t, t, camera=None):
+        return self.unet(x_t, t, class_labels=torch.full((len(x_t),), self.label, device=x_t.device)).sample
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, camera):
+        return self(x_t, t)
+
+    def loss(self, x0, camera, alphas_cumprod):
+        """Eq. (8): ||eps_phi(x_t, t, y) - eps||^2 on the detached particles, t ~ U{0..999}."""
+        t = torch.randint(0, 1000, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        return F.mse_loss(self(add_noise(x0.detach(), t, eps, alphas_cumprod), t), eps)
+
+
+def shape_seen(image):
+    """The simple check of the Fig. 3 table: the class an image (3,H,W) in [0,1] shows, or -1 for none.
+    Ink = how far a pixel is from white; the shape is the largest 4-connected blob of ink > 0.5, and the
+    picture must be that blob on white (few other pixels with ink > 0.3). Colour: the nearest of SHAPE_COLOURS to the
+    blob's mean. Shape, whatever the rotation: area / R^2 with R the blob's reach from its centroid,
+    pi for a circle, 2 for a square, 1.30 for an equilateral triangle (2.6-2.9, 1.8-2.3 and
+    1.2-1.6 as drawn at 32 px); the thresholds sit between those ranges."""
+    ink = (1 - image).amax(0)                                                # (H, W)
+    blob = largest_blob(ink > 0.5)
+    area = int(blob.sum())
+    rim = F.max_pool2d(blob[None].float(), 3, 1, 1)[0] > 0                 # the blob and its anti-aliased edge
+    if area < 12 or ((ink > 0.3) & ~rim).sum() > 0.1 * area:                 # too small, or other marks
+        return -1
+    mean = image[:, blob].mean(1)
+    palette = torch.tensor(list(SHAPE_COLOURS.values())) / 255
+    colour = int((palette - mean).norm(dim=1).argmin())
+    if (palette[colour] - mean).norm() > 0.2:
+        return -1
+    ys, xs = blob.nonzero().float().T
+    reach = ((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).sqrt().max() + 0.5  # + half a pixel: pixel centres
+    ratio = area / reach ** 2
+    kind = 0 if ratio > 2.45 else 1 if ratio > 1.71 else 2
+    return colour * len(SHAPE_KINDS) + kind
+
+
+def largest_blob(mask):
+    """The largest 4-connected component of a (H, W) bool mask (a flood fill: the images are tiny)."""
+    h, w = mask.shape
+    free, best = mask.clone(), torch.zeros_like(mask)
+    for start in mask.nonzero().tolist():
+        if not free[start[0], start[1]]:
+            continue
+        blob, todo = [], [start]
+        free[start[0], start[1]] = False
+        while todo:
+            i, j = todo.pop()
+            blob.append((i, j))
+            for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+                if 0 <= a < h and 0 <= b < w and free[a, b]:
+                    free[a, b] = False
+                    todo.append([a, b])
+        if len(blob) > best.sum():
+            best = torch.zeros_like(mask)
+            best[tuple(torch.tensor(blob).T)] = True
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -2430,12 +2848,13 @@ def parse_args(argv):
     p.add_argument("prompt", nargs="?", help='what to make, e.g. "a blue tulip"')
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--toy", action="store_true", help="Theorem 2 on a 2D Gaussian mixture (CPU, seconds)")
-    mode.add_argument("--2d", dest="two_d", action="store_true", help="distil SD latents directly (App. G)")
+    mode.add_argument("--2d", dest="two_d", action="store_true", help="distil images directly (Fig. 3, App. G)")
     mode.add_argument("--mesh", action="store_true", help="after the NeRF, extract and fine-tune a textured mesh")
-    p.add_argument("--method", choices=METHODS, default=Config.method)
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="vsd (default), sds; with --2d also ancestral, or compare (the default with --model shapes)")
     p.add_argument("--particles", type=positive(int), default=None, help="n particles (default 1; 8 with --2d)")
     p.add_argument("--steps", type=positive(int), default=None, help="optimisation steps (default: the mode's)")
-    p.add_argument("--resolution", type=positive(int), default=Config.resolution, help="final render size")
+    p.add_argument("--resolution", type=positive(int), default=None, help="final render size (default 512; 32 with --model shapes)")
     p.add_argument("--geometry-steps", type=positive(int), help=f"stage 2 steps (default {Config.geometry_steps})")
     p.add_argument("--texture-steps", type=positive(int), help=f"stage 3 steps (default {Config.texture_steps})")
     p.add_argument("--tet-resolution", type=positive(int), help=f"DMTet grid size (default {Config.tet_resolution})")
@@ -2444,7 +2863,9 @@ def parse_args(argv):
     p.add_argument("--texture-size", type=positive(int), help=f"texture atlas size, px (default {Config.texture_size})")
     p.add_argument("--init", choices=INITS, default=Config.init)
     p.add_argument("--model", default=Config.model,
-                   help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download)')
+                   help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download); '
+                        '"shapes" (with --2d) a small pixel model of coloured shapes, trained on the CPU and cached')
+    p.add_argument("--allow-cpu", action="store_true", help="start a real-model run on a machine without CUDA")
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
     p.add_argument("--negative-prompt", default=Config.negative_prompt)
     p.add_argument("--seed", type=int, default=Config.seed, help="0 .. 2^63-1")
@@ -2455,8 +2876,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.toy and not args.resume and (args.prompt is None or not args.prompt.strip()):
         p.error("the prompt is empty; give a sentence, e.g. prolific.py \"a blue tulip\"")
-    if args.method == "ancestral" and not args.two_d:
-        p.error("--method ancestral exists only with --2d")
+    if args.method in ("ancestral", "compare") and not args.two_d:
+        p.error(f"--method {args.method} exists only with --2d")
+    if args.model == "shapes" and not args.two_d and not args.resume:
+        p.error("--model shapes exists only with --2d (it is an image model: python prolific.py \"a red circle\" --2d --model shapes)")
     return args
 
 
@@ -2464,9 +2887,12 @@ MESH_SETTINGS = ("geometry_steps", "texture_steps", "tet_resolution", "texture_s
 
 
 def config_from_args(args):
-    cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt, method=args.method,
-                 seed=args.seed, model=args.model, lora_model=args.lora_model, resolution=args.resolution,
-                 init=args.init, save_every=args.save_every, preview_every=args.preview_every, mesh=args.mesh)
+    shapes = args.two_d and args.model == "shapes"
+    cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt,
+                 method=args.method or ("compare" if shapes else Config.method), seed=args.seed, model=args.model,
+                 lora_model=args.lora_model, resolution=args.resolution or (32 if shapes else Config.resolution),
+                 init=args.init, two_d=args.two_d, save_every=args.save_every, preview_every=args.preview_every,
+                 mesh=args.mesh)
     for name in MESH_SETTINGS:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -2478,13 +2904,15 @@ def config_from_args(args):
         cfg.steps_2d = args.steps or TOY_STEPS
     elif args.steps and args.two_d:
         cfg.steps_2d = args.steps
+    elif shapes:
+        cfg.steps_2d = cfg.steps_shapes
     elif args.steps:
         cfg.steps = args.steps
     check_config(cfg)
     return cfg
 
 
-METHODS, INITS = ("vsd", "sds", "ancestral"), ("object", "scene", "scene+object")
+METHODS, INITS = ("vsd", "sds", "ancestral", "compare"), ("object", "scene", "scene+object")
 # settings that must be > 0; every other number must be >= 0 (the lambdas, seed, warmup_steps, ...)
 POSITIVE = ("particles", "cfg_vsd", "cfg_sds", "lora_rank", "lora_lr", "lora_warmup", "steps", "resolution", "warmup_resolution",
             "grid_levels", "grid_log2_table", "grid_max_resolution", "grid_lr", "mlp_lr", "n_samples",
@@ -2549,21 +2977,27 @@ def main(argv=None):
                     if getattr(args, name) is not None:
                         setattr(cfg, name, getattr(args, name))
             check_memory(cfg, device)
+            check_hardware(cfg, args, device)
             if args.mesh:
                 save_config(cfg, args.resume)
-            run_nerf(cfg, args.resume, device, resume=True)
+            if cfg.two_d:
+                print_written(run_2d(cfg, args.resume, device, resume=True))
+            else:
+                run_nerf(cfg, args.resume, device, resume=True)
         elif args.toy:
             out = make_run_folder(args.out, "toy")
             save_config(cfg, out)
             run_toy(cfg, out)
         elif args.two_d:
+            check_hardware(cfg, args, device)
+            if cfg.model == "shapes":
+                shape_class(cfg.prompt)  # an unknown class is an error before anything is written
             out = make_run_folder(args.out, slug(cfg.prompt) + "-2d")
             save_config(cfg, out)
-            run_2d(cfg, out, device)
-            if world()[0] == 0:
-                print(f"wrote {os.path.join(out, 'particles.png')}")
+            print_written(run_2d(cfg, out, device))
         else:
             check_memory(cfg, device)
+            check_hardware(cfg, args, device)
             out = make_run_folder(args.out, slug(cfg.prompt))
             save_config(cfg, out)
             run_nerf(cfg, out, device)
@@ -2597,6 +3031,26 @@ def main(argv=None):
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def print_written(paths):
+    if world()[0] == 0 and paths:
+        print(f"wrote {', '.join(paths)}")
+
+
+def check_hardware(cfg, args, device):
+    """Before anything is downloaded: a real Stable Diffusion on a machine without CUDA would take weeks.
+    Say so in one line, with what to run instead, unless --allow-cpu. One stage-1 step took 152 s on 2
+    CPU cores with SD-2.1-shaped random models (bench.py); a 2D step, a batch of 8 latents, several times that."""
+    if device.type == "cuda" or args.allow_cpu or cfg.model in RANDOM_MODELS or cfg.model == "shapes":
+        return
+    cores = os.cpu_count() or 1
+    step = 152 * 2 / cores                                                   # seconds, scaled from 2 cores
+    steps = cfg.steps_2d if cfg.two_d else cfg.steps + (cfg.geometry_steps + cfg.texture_steps) * cfg.mesh
+    raise UserError(f"this machine has no CUDA GPU (torch sees {platform.machine()} CPUs, {cores} cores): a step "
+                    f"with Stable Diffusion 2.1 takes about {step:.0f} s or more here, {steps} steps about "
+                    f"{steps * step / 86400:.0f} days. On a CPU run --toy, or \"a red circle\" --2d --model shapes "
+                    f"(minutes); pass --allow-cpu to start this anyway")
 
 
 def run_mesh(cfg, out, prior, particles):
@@ -2652,15 +3106,17 @@ def run_nerf(cfg, out, device, resume=False):
     if rank0:
         announce(cfg, device, prior)
     particles = train_nerf(prior, cfg, out, resume=resume, progress=True)
-    if rank0:
-        print(f"wrote {out}: particle*/turntable, previews/, checkpoint.pt, log.txt")
+    if rank0:  # only what exists: a short run writes no previews
+        names = {"particle*/turntable": "particle*/turntable.*", "previews/": "previews", "checkpoint.pt": "checkpoint.pt",
+                 "log.txt": "log.txt"}
+        print(f"wrote {out}: {', '.join(n for n, pattern in names.items() if any(Path(out).glob(pattern)))}")
     if cfg.mesh:
         run_mesh(cfg, out, prior, particles)
 
 
 def load_config(out):
     if not os.path.exists(os.path.join(out, "checkpoint.pt")):
-        raise UserError(f"--resume {out}: no checkpoint.pt there (stage-1 and mesh runs can be resumed, 2D runs not)")
+        raise UserError(f"--resume {out}: no checkpoint.pt there (it is written every --save-every steps and on Ctrl-C)")
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:
