@@ -2112,7 +2112,7 @@ def test_run_folders_are_claimed_unique_and_released_when_nothing_started(tmp_pa
     assert first != second and os.path.isdir(first) and os.path.isdir(second)
     run = str(tmp_path / "run")  # item 9: a model that cannot load leaves nothing; the retry is not refused
     for _ in range(2):
-        assert P.main(["a tulip", "--model", str(tmp_path / "no-model"), "--steps", "1", "--out", run]) == 2
+        assert P.main(["a tulip", "--model", str(tmp_path / "no-model"), "--allow-cpu", "--steps", "1", "--out", run]) == 2
         assert os.listdir(run) == []
     args = lambda *a: P.config_from_args(P.parse_args(list(a)))
     assert args("--toy", "--steps", "5000").steps_2d == 5000 and args("--toy").steps_2d == P.TOY_STEPS  # item 7
