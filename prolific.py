@@ -974,11 +974,11 @@ def render_for_step(field, camera, size, background, cfg):
                       rays_per_chunk(budget, samples, graph), occupancy=field.occupancy)
 
 
-def opacity_regularisers(w, opacity, n, cfg, step):
+def opacity_regularisers(opacity, n, cfg, step):
     """Stage-1 regularisers of one chunk of rays, each a mean over the n rays of the image (the chunks add up),
     as threestudio's prolificdreamer system has them: sparsity sqrt(o^2 + 0.01) against fog and floaters, and
     from step opaque_start on the binary entropy of o, which pushes every pixel to fully on or off. opacity
-    (N, 1). (w (N, S), the compositing weights, would carry the authors' alternative, an entropy on w.)"""
+    (N, 1). (The authors' alternative, an entropy on the compositing weights, is not used.)"""
     sparsity = (opacity.pow(2) + 0.01).sqrt().sum() / n
     o = opacity.clamp(1e-3, 1 - 1e-3)
     opaque = -(o * o.log() + (1 - o) * (1 - o).log()).sum() / n
@@ -1003,7 +1003,7 @@ def backward_through_render(field, camera, size, first, grad_rgb, background, cf
     n = len(g)
     if first["rgb"].requires_grad:
         opacity = first["opacity"].permute(0, 2, 3, 1).reshape(-1, 1)
-        ((first["rgb"] * grad_rgb).sum() + opacity_regularisers(first["weights"], opacity, n, cfg, step)).backward()
+        ((first["rgb"] * grad_rgb).sum() + opacity_regularisers(opacity, n, cfg, step)).backward()
         return
     o, d = camera_rays(camera, size, size)
     keep = kept_samples(first, cfg.min_transmittance)
@@ -1011,9 +1011,9 @@ def backward_through_render(field, camera, size, first, grad_rgb, background, cf
     chunk = chunk or rays_per_chunk(memory_budget(o.device, cfg.render_memory_gb), keep.shape[1], True)
     for k in range(0, n, chunk):
         sl = slice(k, k + chunk)
-        rgb, opacity, _, w = render_rays(field, o[sl], d[sl], first["depths"][sl], first["deltas"][sl], keep[sl],
+        rgb, opacity, _, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], first["deltas"][sl], keep[sl],
                                          None if bg is None else bg[sl])
-        loss = (rgb * g[sl]).sum() + opacity_regularisers(w, opacity, n, cfg, step)
+        loss = (rgb * g[sl]).sum() + opacity_regularisers(opacity, n, cfg, step)
         loss.backward()
 
 
@@ -1422,16 +1422,22 @@ def checkpoint_fits(path):
         raise UserError(f"{path} does not fit this run's settings ({type(e).__name__}: {detail})") from None
 
 
+def check_world_size(state, out):
+    """Each rank's particles and random stream belong to one split: resume with the same number of processes."""
+    n = world()[1]
+    if state["world_size"] != n:
+        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
+                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+
+
 def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"{out} has no checkpoint.pt to resume from")
     state = read_checkpoint(path)
-    rank, n = world()
+    rank = world()[0]
     with checkpoint_fits(path):
-        if state["world_size"] != n:  # each rank's particles and random stream belong to one split
-            raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
-                            f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+        check_world_size(state, out)
         mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
         for f, s in zip(particles, state["particles"][mine], strict=True):
             f.load_state_dict(s)
@@ -2367,31 +2373,21 @@ def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi):
         atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
 
 
-def read_2d_checkpoint(out):
-    """out/checkpoint.pt of a 2D run, loaded with weights_only=True (tensors, numbers, strings: no code)."""
-    try:
-        return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--resume {out}: checkpoint.pt cannot be read ({type(e).__name__}); start a new run") from None
-
-
 def load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi):
     """Restore this rank's part of a 2D checkpoint of `method`; returns the step to continue from (0 if
     the checkpoint belongs to another method: --method compare starts that one afresh)."""
-    state = read_2d_checkpoint(out)
-    rank, n = world()
-    if state["world_size"] != n:
-        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
-                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
-    if state["method"] != method:
-        return 0
-    theta.data.copy_(state["theta"][rank])
-    opt.load_state_dict(state["opt"][rank])
-    load_eps_phi_state(state, eps_phi, opt_phi)
-    torch.set_rng_state(state["rng"][rank]["cpu"])
-    if state["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
-    return state["step"]
+    path = os.path.join(out, "checkpoint.pt")
+    state = read_checkpoint(path)
+    rank = world()[0]
+    with checkpoint_fits(path):
+        check_world_size(state, out)
+        if state["method"] != method:
+            return 0
+        theta.data.copy_(state["theta"][rank])
+        opt.load_state_dict(state["opt"][rank])
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"][rank])
+        return int(state["step"])
 
 
 def decode(prior, x):
@@ -2423,7 +2419,8 @@ def run_2d(cfg, out, device, resume=False):
     size = prior.image_size
     shape = tuple(prior.encode(torch.zeros(1, 3, size, size, device=device)).shape[1:])  # (C, h, w)
     methods = ("vsd", "sds", "ancestral") if cfg.method == "compare" else (cfg.method,)
-    saved = read_2d_checkpoint(out)["method"] if resume and os.path.exists(os.path.join(out, "checkpoint.pt")) else None
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    saved = read_checkpoint(checkpoint)["method"] if resume and os.path.exists(checkpoint) else None
     done = methods[:methods.index(saved)] if saved in methods else ()       # finished before the interruption
     results = {}
     for method in methods:
@@ -2475,7 +2472,7 @@ def save_comparison(prior, cfg, images, out):
             line += f"  {f'{hits}/{len(x)}':>18s}"
         lines.append(line)
     print("\n".join(lines))
-    write_text_atomic("\n".join(lines) + "\n", os.path.join(out, "comparison.txt"))
+    atomic_write(os.path.join(out, "comparison.txt"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     zoom = max(1, 96 // images["vsd"].shape[-1])                             # 32 px pictures drawn 3x larger
     panels = [to_pil(grid_image(x)).resize((zoom * grid_image(x).shape[2], zoom * grid_image(x).shape[1]), Image.NEAREST)
               for x in images.values()]
@@ -2487,12 +2484,6 @@ def save_comparison(prior, cfg, images, out):
         draw.text((k * (w + 8) + 2, 4), line.split()[0].upper() if k else "ancestral", fill="black")
         draw.text((k * (w + 8) + 2, h + 24), " ".join(line.split()[2:]), fill="black")
     save_image(torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255, os.path.join(out, "comparison.png"))
-
-
-def write_text_atomic(text, path):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def scheduler_config_of(prior):
@@ -2634,11 +2625,12 @@ def shapes_model(size=32, seed=0, progress=False, **training):
     """The trained shapes UNet for this size and seed: from the cache, or trained now and cached.
     A cache file that cannot be read, or was trained with other settings, is trained again."""
     hp = {**SHAPES_TRAINING, **training, "size": size, "seed": seed}
+    recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}  # as the checkpoint holds them
     path = os.path.join(shapes_cache_dir(), f"shapes-{size}px-seed{seed}.pt")
     unet = shapes_unet(size)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["training"] != {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}:
+        if state["training"] != recorded:
             raise ValueError("trained with other settings")
         unet.load_state_dict(state["unet"])
         return unet.eval()
@@ -2649,8 +2641,7 @@ def shapes_model(size=32, seed=0, progress=False, **training):
     unet = train_shapes_model(size, seed, progress, **training)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save({"training": {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()},
-                     "unet": unet.state_dict()}, path)
+        atomic_save({"training": recorded, "unet": unet.state_dict()}, path)
     except OSError as e:
         print(f"could not cache the shapes model in {path} ({e.strerror}); set PROLIFIC_CACHE to a writable folder")
     return unet
