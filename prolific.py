@@ -2857,6 +2857,8 @@ def parse_args(argv):
                    help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download); '
                         '"shapes" (with --2d) a small pixel model of coloured shapes, trained on the CPU and cached')
     p.add_argument("--allow-cpu", action="store_true", help="start a real-model run on a machine without CUDA")
+    p.add_argument("--render-memory", type=positive(float), metavar="GB",
+                   help="memory one render may hold, GiB (default: a quarter of what is free); sizes the ray chunks")
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
     p.add_argument("--negative-prompt", default=Config.negative_prompt)
     p.add_argument("--seed", type=int, default=Config.seed, help="0 .. 2^63-1")
@@ -2887,6 +2889,7 @@ def config_from_args(args):
     for name in MESH_SETTINGS:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    cfg.render_memory_gb = args.render_memory or 0.0
     if args.particles:
         cfg.particles = args.particles
     elif args.two_d:
@@ -2962,6 +2965,8 @@ def main(argv=None):
         device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
             cfg = load_config(args.resume)
+            if args.render_memory:  # a property of this machine, not of the run
+                cfg.render_memory_gb = args.render_memory
             if args.mesh:  # --mesh --resume: add the mesh stages; mesh settings given on this command line win
                 cfg.mesh = True
                 for name in MESH_SETTINGS:

@@ -1364,6 +1364,27 @@ def test_deferred_backprop_with_skipping_equals_direct_autograd_on_the_kept_samp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_render_for_step_keeps_the_graph_only_where_it_fits_the_budget(tmp_path, monkeypatch):
+    """One differentiable render when the graph of the image fits the budget (SAMPLE_BYTES[True] per sample),
+    a gradient-free one otherwise; --render-memory sets the budget, also on --resume (a property of the machine)."""
+    cfg = small_cfg(n_samples=16, n_importance=8)
+    field = P.NeRFField(cfg)
+    cam = P.Camera.orbit(torch.tensor([15.0]), torch.tensor([40.0]), torch.tensor([1.2]), torch.tensor([50.0]))
+    need = 16 * 16 * 24 * P.SAMPLE_BYTES[True] / 2**30                         # GiB for a 16-px image's graph
+    assert P.render_for_step(field, cam, 16, None, dataclasses.replace(cfg, render_memory_gb=1.01 * need))["rgb"].requires_grad
+    assert not P.render_for_step(field, cam, 16, None, dataclasses.replace(cfg, render_memory_gb=0.99 * need))["rgb"].requires_grad
+    args = lambda *a: P.config_from_args(P.parse_args(list(a)))
+    assert args("x", "--render-memory", "2.5").render_memory_gb == 2.5 and args("x").render_memory_gb == 0.0
+    run = tmp_path / "run"
+    run.mkdir()
+    P.save_config(P.Config(prompt="x", model="tiny", render_memory_gb=1.0), str(run))
+    (run / "checkpoint.pt").write_bytes(b"")
+    seen = []
+    monkeypatch.setattr(P, "run_nerf", lambda cfg, out, device, resume: seen.append(cfg.render_memory_gb))
+    assert P.main(["--resume", str(run), "--render-memory", "3"]) == 0 and P.main(["--resume", str(run)]) == 0
+    assert seen == [3.0, 1.0]
+
+
 def test_occupancy_grid_lets_a_new_blob_grow_where_it_was_empty(monkeypatch):
     """The known-scene prior asks for a second ball where the grid of the starting field is empty (rho < 0.01,
     not even next to an occupied cell): the field grows it anyway, through the dilated mask and the refreshes.
