@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1065,6 +1066,27 @@ def test_shapes_model_is_cached_retrained_per_seed_and_when_corrupt(tmp_path, mo
     P.shapes_model(16, 0, **tiny)                                           # corrupt: trained, not a crash
     assert len(trained) == 4
     assert torch.load(tmp_path / "shapes-16px-seed0.pt", weights_only=True)["training"]["steps"] == 2
+
+
+def test_shapes_prior_and_its_lora_turn_the_unets_v_into_eps():
+    """The shapes UNet predicts v. A UNet whose v says "the picture is all white" (W) must give, through
+    ShapesPrior (with CFG) and ShapesLoRA alike, the eps whose picture estimate (x_t - sqrt(1-a) eps) / sqrt(a)
+    is W, at low and high noise."""
+    unet = P.shapes_unet(16)
+    ac = P.shapes_scheduler().alphas_cumprod.float()
+
+    def white_v(x_t, t, class_labels):
+        a = ac[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt()) / (1 - a).sqrt()                               # the noise if x0 = W = 1
+        return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt())
+    unet.forward = white_v
+    prior = P.ShapesPrior(unet, 0, 7.5, "cpu")
+    lora = P.ShapesLoRA(prior)
+    lora.unet.forward = white_v
+    x_t, t = torch.randn(4, 3, 16, 16), torch.tensor([5, 200, 700, 990])
+    a = ac[t].view(-1, 1, 1, 1)
+    for eps in (prior.predict_noise(x_t, t), lora.predict_noise(x_t, t, None)):
+        torch.testing.assert_close((x_t - (1 - a).sqrt() * eps) / a.sqrt(), torch.ones_like(x_t), rtol=0, atol=1e-3)
 
 
 class PointsAsImages(P.GaussianMixturePrior):
