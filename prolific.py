@@ -2543,7 +2543,7 @@ def save_image(image, path):
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
-SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
+SHAPES_TRAINING = dict(steps=1200, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
 
 
 def shape_class(prompt):
