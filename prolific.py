@@ -2719,10 +2719,10 @@ class ShapesLoRA(nn.Module):
 def shape_seen(image):
     """The simple check of the Fig. 3 table: the class an image (3,H,W) in [0,1] shows, or -1 for none.
     Ink = how far a pixel is from white; the shape is the largest 4-connected blob of ink > 0.5, and the
-    picture must be that blob on white (few other pixels with ink > 0.3). Colour: the nearest of SHAPE_COLOURS to the
-    blob's mean. Shape, whatever the rotation: area / R^2 with R the blob's reach from its centroid,
-    pi for a circle, 2 for a square, 1.30 for an equilateral triangle (2.6-2.9, 1.8-2.3 and
-    1.2-1.6 as drawn at 32 px); the thresholds sit between those ranges."""
+    picture must be that blob on white (few other pixels with ink > 0.3). Colour: the nearest of SHAPE_COLOURS
+    to the blob's mean. Shape: the best overlap (intersection over union) with a disc, a square and an
+    equilateral triangle of the blob's area centred on its centroid, the polygons turned in steps of 5 degrees;
+    an overlap measure, not one extreme point, so that a disc with a ragged edge still reads as a disc."""
     ink = (1 - image).amax(0)                                                # (H, W)
     blob = largest_blob(ink > 0.5)
     area = int(blob.sum())
@@ -2734,11 +2734,21 @@ def shape_seen(image):
     colour = int((palette - mean).norm(dim=1).argmin())
     if (palette[colour] - mean).norm() > 0.2:
         return -1
-    ys, xs = blob.nonzero().float().T
-    reach = ((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).sqrt().max() + 0.5  # + half a pixel: pixel centres
-    ratio = area / reach ** 2
-    kind = 0 if ratio > 2.45 else 1 if ratio > 1.71 else 2
-    return colour * len(SHAPE_KINDS) + kind
+    ys, xs = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in blob.shape], indexing="ij")
+    p = torch.stack([xs[blob].mean() - xs, ys[blob].mean() - ys], -1).view(-1, 1, 1, 2)  # (HW,1,1,2) from centroid
+    overlap = []
+    for corners in (0, 4, 3):                                                # circle, square, triangle
+        if corners == 0:
+            inside = p.norm(dim=-1) <= (area / math.pi) ** 0.5               # (HW, 1, 1)
+        else:                                                                # regular polygon of that area:
+            apothem = (area / (corners * math.tan(math.pi / corners))) ** 0.5  # its edges' distance from the centre
+            turn = torch.arange(0, 2 * math.pi / corners, math.radians(5))[:, None] + 2 * math.pi / corners * torch.arange(corners)
+            normals = torch.stack([turn.cos(), turn.sin()], -1)              # (turns, corners, 2)
+            inside = (p * normals).sum(-1) <= apothem                        # (HW, turns, corners)
+        inside = inside.all(-1).view(*blob.shape, -1)                        # (H, W, turns)
+        b = blob[..., None]
+        overlap.append(((inside & b).sum((0, 1)) / (inside | b).sum((0, 1))).max())
+    return colour * len(SHAPE_KINDS) + int(torch.stack(overlap).argmax())
 
 
 def largest_blob(mask):

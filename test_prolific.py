@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never call the hub in tests
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1034,6 +1034,14 @@ def test_shape_check_reads_drawn_pictures_and_prompts():
     assert P.shape_seen(torch.ones(3, 32, 32)) == -1 and P.shape_seen(torch.rand(3, 32, 32)) == -1
     grey = images[0].mean(0, keepdim=True).expand(3, -1, -1)                # a grey shape: no known colour
     assert P.shape_seen(grey) == -1
+    ragged = []                                                             # discs whose edge wavers by +-12%
+    for k in range(8):
+        img = Image.new("RGB", (128, 128), "white")
+        edge = [(64 + r * math.cos(a), 64 + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 60, endpoint=False)
+                for r in [36 * (1 + 0.12 * math.sin((5 + k) * a + k))]]
+        ImageDraw.Draw(img).polygon(edge, fill=P.SHAPE_COLOURS["green"])
+        ragged.append(torch.from_numpy(np.asarray(img.resize((32, 32), Image.BOX))).permute(2, 0, 1).float() / 255)
+    assert [P.shape_seen(x) for x in ragged] == [P.SHAPE_CLASSES.index("green circle")] * 8
     assert P.shape_class("A red circle") == 0 and P.shape_class("blue squares on white") == 7
     for prompt in ("a purple hexagon", "a red circle and a blue square"):
         with pytest.raises(P.UserError, match="red circle, red square"):
