@@ -2543,6 +2543,7 @@ def save_image(image, path):
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
+SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS (measured: README)
 SHAPES_TRAINING = dict(steps=1200, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
 
 
@@ -2921,6 +2922,8 @@ def config_from_args(args):
         cfg.steps_2d = args.steps
     elif shapes:
         cfg.steps_2d = cfg.steps_shapes
+    if shapes:  # SD's CFG (7.5 / 100) over-saturates this pixel model: its samples fill the frame (README)
+        cfg.cfg_vsd, cfg.cfg_sds = SHAPES_GUIDANCE
     elif args.steps:
         cfg.steps = args.steps
     check_config(cfg)

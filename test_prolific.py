@@ -1043,6 +1043,9 @@ def test_shape_check_reads_drawn_pictures_and_prompts():
         ragged.append(torch.from_numpy(np.asarray(img.resize((32, 32), Image.BOX))).permute(2, 0, 1).float() / 255)
     assert [P.shape_seen(x) for x in ragged] == [P.SHAPE_CLASSES.index("green circle")] * 8
     assert P.shape_class("A red circle") == 0 and P.shape_class("blue squares on white") == 7
+    shapes = P.config_from_args(P.parse_args(["a red circle", "--2d", "--model", "shapes"]))
+    assert (shapes.cfg_vsd, shapes.cfg_sds, shapes.method) == (*P.SHAPES_GUIDANCE, "compare")
+    assert P.config_from_args(P.parse_args(["a tulip", "--2d"])).cfg_vsd == P.Config.cfg_vsd  # SD's 7.5
     for prompt in ("a purple hexagon", "a red circle and a blue square"):
         with pytest.raises(P.UserError, match="red circle, red square"):
             P.shape_class(prompt)
