@@ -308,8 +308,8 @@ def skip_config(cfg, on):
 
 
 def trained_known_scene_field(cfg, steps):
-    """A NeRFField trained like test_known_scene_sds_reconstructs_the_object (test_prolific's known-scene prior),
-    and its held-out PSNR."""
+    """A NeRFField trained with cfg on test_prolific's known-scene prior, as test_known_scene_sds_reconstructs_the_object
+    trains one, and its held-out PSNR."""
     import test_prolific
     torch.manual_seed(0)
     (field,) = prolific.train_nerf(test_prolific.KnownScenePrior(), replace(cfg, steps=steps))
