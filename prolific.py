@@ -2922,10 +2922,10 @@ def config_from_args(args):
         cfg.steps_2d = args.steps
     elif shapes:
         cfg.steps_2d = cfg.steps_shapes
-    if shapes:  # SD's CFG (7.5 / 100) over-saturates this pixel model: its samples fill the frame (README)
-        cfg.cfg_vsd, cfg.cfg_sds = SHAPES_GUIDANCE
     elif args.steps:
         cfg.steps = args.steps
+    if shapes:  # SD's CFG (7.5 / 100) over-saturates this pixel model: its samples fill the frame (README)
+        cfg.cfg_vsd, cfg.cfg_sds = SHAPES_GUIDANCE
     check_config(cfg)
     return cfg
 

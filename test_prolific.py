@@ -2168,6 +2168,8 @@ def test_run_folders_are_claimed_unique_and_released_when_nothing_started(tmp_pa
         assert os.listdir(run) == []
     args = lambda *a: P.config_from_args(P.parse_args(list(a)))
     assert args("--toy", "--steps", "5000").steps_2d == 5000 and args("--toy").steps_2d == P.TOY_STEPS  # item 7
+    for two_d in (["--toy"], ["x", "--2d"], ["a red circle", "--2d", "--model", "shapes"]):  # stage 1's steps untouched
+        assert args(*two_d, "--steps", "7").steps == P.Config.steps and args(*two_d, "--steps", "7").steps_2d == 7
 
 
 def test_mesh_resume_settings_given_on_the_command_line_win(tmp_path, monkeypatch):
