@@ -329,6 +329,11 @@ def eps_from_v(v, x_t, a):
     return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
+def v_target(x0, eps, a):
+    """The v-prediction target of x_t = sqrt(a) x0 + sqrt(1-a) eps: v = sqrt(a) eps - sqrt(1-a) x0."""
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
 class StableDiffusionPrior:
     """eps_pretrain from a diffusers Stable Diffusion. fp16 on CUDA, fp32 on CPU; frozen.
     Text embeddings are computed once for the prompt, its four view-dependent variants and the negative
@@ -516,7 +521,7 @@ class LoRAScore(nn.Module):
         if camera is not None:
             keep = (torch.rand(b, device=x0.device) >= self.dropout).float().view(-1, 1, 1)
             camera = Camera(camera.c2w * keep, camera.fovy, camera.elevation, camera.azimuth, camera.distance)
-        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.v_prediction else eps
+        target = v_target(x0, eps, a) if self.v_prediction else eps
         return F.mse_loss(self(x_t, t, camera), target)
 
 
@@ -2612,7 +2617,7 @@ def train_shapes_model(size, seed, progress=False, **training):
         t = ((torch.arange(len(x0)) + torch.rand(1)) / len(x0) * 1000).long()   # stratified: one per 1000/B
         eps = torch.randn_like(x0)
         a = ac[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, a.sqrt() * eps - (1 - a).sqrt() * x0)
+        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, v_target(x0, eps, a))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -2711,10 +2716,11 @@ class ShapesLoRA(nn.Module):
 
     def loss(self, x0, camera, alphas_cumprod):
         """Eq. (8) in v-form, ||v_phi(x_t, t, y) - v||^2, on the detached particles, t ~ U{0..999}."""
+        x0 = x0.detach()
         t = torch.randint(0, 1000, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        return F.mse_loss(self(add_noise(x0.detach(), t, eps, alphas_cumprod), t), a.sqrt() * eps - (1 - a).sqrt() * x0.detach())
+        return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t), v_target(x0, eps, a))
 
 
 def shape_seen(image):
@@ -2737,7 +2743,7 @@ def shape_seen(image):
         return -1
     ys, xs = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in blob.shape], indexing="ij")
     p = torch.stack([xs[blob].mean() - xs, ys[blob].mean() - ys], -1).view(-1, 1, 1, 2)  # (HW,1,1,2) from centroid
-    overlap = []
+    b, overlap = blob[..., None], []
     for corners in (0, 4, 3):                                                # circle, square, triangle
         if corners == 0:
             inside = p.norm(dim=-1) <= (area / math.pi) ** 0.5               # (HW, 1, 1)
@@ -2747,7 +2753,6 @@ def shape_seen(image):
             normals = torch.stack([turn.cos(), turn.sin()], -1)              # (turns, corners, 2)
             inside = (p * normals).sum(-1) <= apothem                        # (HW, turns, corners)
         inside = inside.all(-1).view(*blob.shape, -1)                        # (H, W, turns)
-        b = blob[..., None]
         overlap.append(((inside & b).sum((0, 1)) / (inside | b).sum((0, 1))).max())
     return colour * len(SHAPE_KINDS) + int(torch.stack(overlap).argmax())
 
