@@ -2549,7 +2549,7 @@ SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 
 SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
 SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS (measured: README)
-SHAPES_TRAINING = dict(steps=1200, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
+SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
 
 
 def shape_class(prompt):
@@ -2664,8 +2664,9 @@ def shapes_model(size=32, seed=0, progress=False, **training):
 
 class ShapesPrior:
     """eps_pretrain of the shapes model for one class, with CFG: eps_uncond + s (eps_cond - eps_uncond), from
-    the UNet's v (eps_from_v is linear, so CFG on v is CFG on eps). encode: pixels [0,1] -> [-1,1] at the
-    model's size; decode: back."""
+    the UNet's v (eps_from_v is linear, so CFG on v is CFG on eps), and the picture it implies kept in the
+    pixels' range [-1, 1] (DDPM's clipping of x0; guidance pushes it out). encode: pixels [0,1] -> [-1,1] at
+    the model's size; decode: back."""
 
     def __init__(self, unet, label, guidance, device):
         self.unet = unet.to(device).requires_grad_(False).eval()
@@ -2686,7 +2687,9 @@ class ShapesPrior:
         b = len(x_t)
         y = torch.tensor([self.label] * b + [len(SHAPE_CLASSES)] * b, device=x_t.device)
         v_cond, v_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=y).sample.chunk(2)
-        return eps_from_v(v_uncond + self.guidance * (v_cond - v_uncond), x_t, self.alphas_cumprod[t].view(-1, 1, 1, 1))
+        v, a = v_uncond + self.guidance * (v_cond - v_uncond), self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (a.sqrt() * x_t - (1 - a).sqrt() * v).clamp(-1, 1)              # the picture v implies, in range
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()                        # = eps_from_v(v) where x0 was in range
 
 
 class ShapesLoRA(nn.Module):
