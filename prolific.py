@@ -2308,72 +2308,54 @@ def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, 
     opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
     start = load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi) if resume else 0  # built, then restored
     bar = progress_bar(range(start, steps), progress and rank == 0, desc=f"2D {method}", initial=start, total=steps)
-    with interrupt_between_steps() as stop:
+    done, rng = start, rng_state()  # the steps in theta and eps_phi, and the random state that continues them
+    try:
         for step in bar:
-            if stop.requested:
-                break
             idx = torch.randperm(n_particles, device=device)[:cfg.batch_2d]
             x0 = theta[idx]                                                  # (b, C, h, w): g(theta) = theta
             t = sample_t(len(idx), *t_range(step, cfg, anneal_2d(cfg, steps)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)  # Eq. (9) or (3)
             opt.zero_grad()
             surrogate_loss(x0, g).backward()
-            opt.step()
-            loss_phi = torch.zeros(())
-            if eps_phi is not None:                                          # Eq. (8) on the updated particles
-                loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
-                opt_phi.zero_grad()
-                loss_phi.backward()
-                all_reduce_grads(eps_phi)                                    # mean over the ranks
-                opt_phi.step()
+            with signals_held():                                             # the step lands whole
+                opt.step()
+                loss_phi = torch.zeros(())
+                if eps_phi is not None:                                      # Eq. (8) on the updated particles
+                    loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
+                    opt_phi.zero_grad()
+                    loss_phi.backward()
+                    all_reduce_grads(eps_phi)                                # mean over the ranks
+                    opt_phi.step()
+                done, rng = step + 1, rng_state()
             bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
-            if out is not None and (step + 1) % cfg.preview_every == 0:
+            if out is not None and done % cfg.preview_every == 0:
                 preview = gather_cat(theta.detach()[:16])[:16]
                 if rank == 0:
                     stem = "preview" if name == "particles" else f"{name}_preview"
-                    save_grid(decode(prior, preview), os.path.join(out, f"{stem}_{step + 1:06d}.png"))
-                log(out, f"{method} step {step + 1} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
-            if out is not None and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-                save_2d_checkpoint(out, method, step + 1, theta, opt, eps_phi, opt_phi)
-        else:
-            step = steps
-        if stop.requested:  # between two steps: the checkpoint holds `step` whole steps
-            if out is not None:
-                save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi)
+                    save_grid(decode(prior, preview), os.path.join(out, f"{stem}_{done:06d}.png"))
+                log(out, f"{method} step {done} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
+            if out is not None and done % cfg.save_every == 0 and done < steps:
+                save_2d_checkpoint(out, method, done, theta, opt, eps_phi, opt_phi, rng)
+    except KeyboardInterrupt:
+        # save the `done` steps and the particles, then stop. Under torchrun the ranks stop at different
+        # points and cannot meet to gather a checkpoint: the last periodic one is kept.
+        if out is not None and world()[1] == 1:
+            with signals_held():
+                save_2d_checkpoint(out, method, done, theta, opt, eps_phi, opt_phi, rng)
                 save_particles(prior, theta.detach(), out, name)
-                print(f"\ninterrupted at step {step}; resume with: python prolific.py --resume {out}", file=sys.stderr)
-            raise KeyboardInterrupt
+            print(f"\ninterrupted at step {done}; resume with: python prolific.py --resume {out}", file=sys.stderr)
+        raise
     if out is not None and start < steps:  # finished: --resume (of --method compare) knows it is done
-        save_2d_checkpoint(out, method, steps, theta, opt, eps_phi, opt_phi)
+        save_2d_checkpoint(out, method, steps, theta, opt, eps_phi, opt_phi, rng)
     return theta.detach()
 
 
-class interrupt_between_steps:
-    """Inside the block Ctrl-C (SIGINT) and kill (SIGTERM) only set .requested, so that a loop stops between
-    two steps and its checkpoint holds whole steps; a second one stops at once. Does nothing under torchrun
-    (the ranks could not meet to save; the last periodic checkpoint is kept) or off the main thread."""
-
-    def __enter__(self):
-        self.requested, self.old = False, {}
-        if world()[1] == 1 and threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-
-def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi):
-    """A 2D run before `step`: every rank's particles, Adam state and RNG states (gathered on rank 0), and
-    eps_phi's trainable weights and optimiser. Atomic."""
+def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi, rng):
+    """A 2D run before `step`: every rank's particles, Adam state and RNG states (rng: this rank's, as
+    rng_state() gave it after the step; all gathered on rank 0), and eps_phi's trainable weights and
+    optimiser. Atomic."""
     state = {"method": method, "step": step, "world_size": world()[1], "theta": gather_lists([theta.detach()]),
-             "opt": gather_lists([opt.state_dict()]), "rng": gather_lists([rng_state()])}
+             "opt": gather_lists([opt.state_dict()]), "rng": gather_lists([rng])}
     if world()[0] == 0:
         atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
 

@@ -1149,24 +1149,31 @@ def test_distill_images_vsd_samples_the_prior_sds_collapses():
     assert all(w > 0.05 for w in weights), weights                          # every mode is found
 
 
-def test_2d_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("where, saved", [("eps_pretrain", 5), ("eps_phi's update", 6)])
+def test_2d_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, monkeypatch, where, saved):
+    """Ctrl-C in the sixth step (step 5): in eps_pretrain it stops at once and the checkpoint holds steps
+    0-4; in the update (the particles' and eps_phi's steps) it waits until the step has landed: 0-5."""
     prior = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
     cfg = P.Config(batch_2d=4, save_every=1000, preview_every=1000)
     straight = P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg)
+    calls = []
 
-    class StopAt(PointsAsImages):  # Ctrl-C in the middle of step 5's eps_pretrain
-        calls = 0
-
-        def predict_noise(self, x_t, t, camera=None):
-            StopAt.calls += 1
-            if StopAt.calls == 6:
+    def sixth_call_interrupts(f):
+        def wrapped(*args, **kw):
+            calls.append(1)
+            if len(calls) == 6:
                 os.kill(os.getpid(), signal.SIGINT)
-            return super().predict_noise(x_t, t)
-    stopping = StopAt(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+            return f(*args, **kw)
+        return wrapped
+    if where == "eps_pretrain":
+        monkeypatch.setattr(prior, "predict_noise", sixth_call_interrupts(prior.predict_noise))
+    else:
+        monkeypatch.setattr(P, "eps_phi_loss", sixth_call_interrupts(P.eps_phi_loss))
     with pytest.raises(KeyboardInterrupt):
-        P.distill_images(stopping, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg, out=str(tmp_path))
+        P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg, out=str(tmp_path))
+    monkeypatch.undo()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 6 and state["method"] == "vsd"                   # step 5 finished before stopping
+    assert state["step"] == saved and state["method"] == "vsd"
     assert torch.load(tmp_path / "particles.pt", weights_only=True).shape == (8, 2, 1, 1)
     resumed = P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg, out=str(tmp_path), resume=True)
     assert torch.equal(resumed, straight)
