@@ -516,12 +516,11 @@ class LoRAScore(nn.Module):
         b, ac = len(x0), self.prior.alphas_cumprod
         t = torch.randint(0, 1000, (b,), device=x0.device)
         eps = torch.randn_like(x0)
-        a = ac[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        x_t = add_noise(x0, t, eps, ac)
         if camera is not None:
             keep = (torch.rand(b, device=x0.device) >= self.dropout).float().view(-1, 1, 1)
             camera = Camera(camera.c2w * keep, camera.fovy, camera.elevation, camera.azimuth, camera.distance)
-        target = v_target(x0, eps, a) if self.v_prediction else eps
+        target = v_target(x0, eps, ac[t].view(-1, 1, 1, 1)) if self.v_prediction else eps
         return F.mse_loss(self(x_t, t, camera), target)
 
 
