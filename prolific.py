@@ -2710,7 +2710,8 @@ class ShapesLoRA(nn.Module):
 def shape_seen(image):
     """The simple check of the Fig. 3 table: the class an image (3,H,W) in [0,1] shows, or -1 for none.
     Ink = how far a pixel is from white; the shape is the largest 4-connected blob of ink > 0.5, and the
-    picture must be that blob on white (few other pixels with ink > 0.3). Colour: the nearest of SHAPE_COLOURS
+    picture must be that blob on white (few other pixels with ink > 0.3; the blob at most half the frame,
+    where the largest drawn disc covers a third). Colour: the nearest of SHAPE_COLOURS
     to the blob's mean. Shape: the best overlap (intersection over union) with a disc, a square and an
     equilateral triangle of the blob's area centred on its centroid, the polygons turned in steps of 5 degrees;
     an overlap measure, not one extreme point, so that a disc with a ragged edge still reads as a disc."""
@@ -2718,7 +2719,7 @@ def shape_seen(image):
     blob = largest_blob(ink > 0.5)
     area = int(blob.sum())
     rim = F.max_pool2d(blob[None].float(), 3, 1, 1)[0] > 0                 # the blob and its anti-aliased edge
-    if area < 12 or ((ink > 0.3) & ~rim).sum() > 0.1 * area:                 # too small, or other marks
+    if area < 12 or area > ink.numel() / 2 or ((ink > 0.3) & ~rim).sum() > 0.1 * area:  # size; other marks
         return -1
     mean = image[:, blob].mean(1)
     palette = torch.tensor(list(SHAPE_COLOURS.values())) / 255
