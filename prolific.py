@@ -329,8 +329,9 @@ def eps_from_v(v, x_t, a):
     return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
-def v_target(x0, eps, a):
-    """The v-prediction target of x_t = sqrt(a) x0 + sqrt(1-a) eps: v = sqrt(a) eps - sqrt(1-a) x0."""
+def v_target(x0, t, eps, alphas_cumprod):
+    """The v-prediction target of add_noise(x0, t, eps): v = sqrt(a) eps - sqrt(1-a) x0 with a = alphas_cumprod[t]."""
+    a = alphas_cumprod[t].view(-1, *[1] * (x0.ndim - 1))
     return a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
@@ -520,7 +521,7 @@ class LoRAScore(nn.Module):
         if camera is not None:
             keep = (torch.rand(b, device=x0.device) >= self.dropout).float().view(-1, 1, 1)
             camera = Camera(camera.c2w * keep, camera.fovy, camera.elevation, camera.azimuth, camera.distance)
-        target = v_target(x0, eps, ac[t].view(-1, 1, 1, 1)) if self.v_prediction else eps
+        target = v_target(x0, t, eps, ac) if self.v_prediction else eps
         return F.mse_loss(self(x_t, t, camera), target)
 
 
@@ -2597,8 +2598,7 @@ def train_shapes_model(size, seed, progress=False, **training):
         y = torch.where(torch.rand(len(labels)) < 0.1, len(SHAPE_CLASSES), labels)
         t = ((torch.arange(len(x0)) + torch.rand(1)) / len(x0) * 1000).long()   # stratified: one per 1000/B
         eps = torch.randn_like(x0)
-        a = ac[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, v_target(x0, eps, a))
+        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, v_target(x0, t, eps, ac))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -2703,8 +2703,7 @@ class ShapesLoRA(nn.Module):
         x0 = x0.detach()
         t = torch.randint(0, 1000, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t), v_target(x0, eps, a))
+        return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t), v_target(x0, t, eps, alphas_cumprod))
 
 
 def shape_seen(image):

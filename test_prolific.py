@@ -1042,10 +1042,10 @@ def test_shape_check_reads_drawn_pictures_and_prompts():
         ImageDraw.Draw(img).polygon(edge, fill=P.SHAPE_COLOURS["green"])
         ragged.append(torch.from_numpy(np.asarray(img.resize((32, 32), Image.BOX))).permute(2, 0, 1).float() / 255)
     assert [P.shape_seen(x) for x in ragged] == [P.SHAPE_CLASSES.index("green circle")] * 8
-    for r in (9, 15):  # a red disc of a drawn size, and one filling the frame as SDS's over-saturated disc does
+    for r, seen in ((9, 0), (15, -1)):  # a red disc of a drawn size; one filling the frame, as SDS's does: none
         img = Image.new("RGB", (32, 32), "white")
         ImageDraw.Draw(img).ellipse([16 - r, 16 - r, 16 + r, 16 + r], fill=P.SHAPE_COLOURS["red"])
-        assert P.shape_seen(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255) == (0 if r == 9 else -1)
+        assert P.shape_seen(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255) == seen
     assert P.shape_class("A red circle") == 0 and P.shape_class("blue squares on white") == 7
     shapes = P.config_from_args(P.parse_args(["a red circle", "--2d", "--model", "shapes"]))
     assert (shapes.cfg_vsd, shapes.cfg_sds, shapes.method) == (*P.SHAPES_GUIDANCE, "compare")
