@@ -270,6 +270,7 @@ def bench_render(device, sizes, repeats):
     rows = []
     for size in sizes:
         grad_rgb = 1e-3 * torch.randn(1, 3, size, size, device=device)  # stands in for the prior's dL/dx
+        grad_opacity = 1e-3 * torch.randn(1, 1, size, size, device=device)  # and the regularisers' dL/d(opacity)
 
         def forward():
             with torch.no_grad():
@@ -278,7 +279,7 @@ def bench_render(device, sizes, repeats):
         def train():
             first = forward()
             field.zero_grad(set_to_none=True)
-            prolific.backward_through_render(field, camera, size, first, grad_rgb, None, cfg)
+            prolific.backward_through_render(field, camera, size, first, grad_rgb, grad_opacity, None, cfg)
 
         reset_peak(device)
         ms = median_ms({"forward": forward, "train": train}, device, repeats)
@@ -326,7 +327,7 @@ def nerf_step(field, cfg, camera, size, grad_rgb, on):
         with torch.no_grad():
             first = prolific.render(field, camera, size, size, None, cfg.n_samples, cfg.n_importance)
     field.zero_grad(set_to_none=True)
-    prolific.backward_through_render(field, camera, size, first, grad_rgb, None,
+    prolific.backward_through_render(field, camera, size, first, grad_rgb, torch.zeros_like(first["opacity"]), None,
                                      cfg if on else replace(cfg, min_transmittance=0.0))
 
 
@@ -441,10 +442,10 @@ def timed_train_nerf(prior, cfg, schedule, device):
     train_nerf calls sample_cameras once at the start of every step, so wrapping it marks the step
     boundaries: a step's time is exactly the loop body (no-grad render -> VAE encode ->
     distillation_grad -> surrogate backward -> backward_through_render -> field optimiser step ->
-    eps_phi loss step), without the building of eps_phi and the fields that precedes the loop.
-    Wrapping resolution lets one call (and one eps_phi) cover every resolution."""
-    assert hasattr(prolific, "sample_cameras") and hasattr(prolific, "resolution"), "train_nerf's hooks moved"
-    sample_cameras, resolution = prolific.sample_cameras, prolific.resolution
+    eps_phi step), without the building of eps_phi and the fields that precedes the loop.
+    Wrapping render_size lets one call (and one eps_phi) cover every resolution."""
+    assert hasattr(prolific, "sample_cameras") and hasattr(prolific, "render_size"), "train_nerf's hooks moved"
+    sample_cameras, render_size = prolific.sample_cameras, prolific.render_size
     marks, peaks = [], []
 
     def step_boundary():
@@ -459,7 +460,7 @@ def timed_train_nerf(prior, cfg, schedule, device):
         return sample_cameras(*args, **kwargs)
 
     prolific.sample_cameras = marked_sample_cameras
-    prolific.resolution = lambda step, cfg: schedule[step]
+    prolific.render_size = lambda step, cfg: schedule[step]
     error = None
     try:
         prolific.train_nerf(prior, replace(cfg, steps=len(schedule), warmup_steps=0))
@@ -468,7 +469,7 @@ def timed_train_nerf(prior, cfg, schedule, device):
     except (torch.cuda.OutOfMemoryError, prolific.TrainingStopped) as e:
         error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     finally:
-        prolific.sample_cameras, prolific.resolution = sample_cameras, resolution
+        prolific.sample_cameras, prolific.render_size = sample_cameras, render_size
     return [b - a for a, b in zip(marks, marks[1:])], peaks, error
 
 

@@ -4,15 +4,44 @@ ProlificDreamer in pure PyTorch: text -> 3D by variational score distillation (V
     python prolific.py "a blue tulip"              # text -> NeRF (stage 1); --mesh adds stages 2-3
     python prolific.py "a hamburger" --2d          # 2D particles in SD latent space (paper Fig. 3, App. G)
     python prolific.py --toy                       # Theorem 2 on a Gaussian mixture, CPU, seconds
+    python prolific.py "a red circle" --2d --model shapes   # Fig. 3 from a small learned prior, CPU, minutes
 
 Paper: Wang et al., "ProlificDreamer: High-Fidelity and Diverse Text-to-3D Generation with Variational
-Score Distillation", NeurIPS 2023. Equation numbers below refer to it.
+Score Distillation", NeurIPS 2023. Equation, section and appendix numbers below refer to it.
 
-The file reads in pipeline order: config -> diffusion priors -> SDS/VSD -> eps_phi -> cameras -> field ->
-volume rendering -> (many GPUs) -> stage 1 -> rasteriser -> mesh stages -> export -> points and 2D modes ->
-command line. The hash grid lives in hashgrid.py, marching tetrahedra and DMTet in marching_tets.py.
-Letters used in shape comments: B batch, C channels, H/W height/width, N points or rays, S samples per
-ray, d point dimension, n particles.
+Contents (each line is a `# §n` header below; search for it):
+
+  PART I, THE METHOD, in the paper's order
+    §1 Config: every hyperparameter, with the paper's value and where it comes from
+    §2 Diffusion priors: the seam (eps_pretrain)
+    §3 Score distillation: SDS (Eq. 3) and VSD (Eq. 9)
+    §4 The variational score eps_phi (Eq. 8): the noise prediction of the particles' own distribution
+    §5 Cameras
+    §6 The particle theta: a NeRF field, hash grid -> single-layer MLPs (App. F), density initialised (Sec. 4.2)
+    §7 Volume rendering and deferred back-propagation: 64 stratified + 32 importance samples per ray (App. F)
+    §8 Stage 1: text -> NeRF with VSD (Algorithm 1)
+    §9 A differentiable mesh rasteriser in plain PyTorch (DMTet and marching tets: marching_tets.py)
+    §10 Stages 2-3: geometry by SDS on normal maps, then texture by VSD (Sec. 4.1, App. D.2, F)
+    §11 Algorithm 1 with the identity render g(theta) = theta: points and images (Theorem 2, Fig. 3, App. G)
+  END OF THE METHOD
+  PART II, RUNNING IT
+    §12 Run folders, the log and the progress bar
+    §13 The bookkeeping seam: Run, checkpoints and resume, Ctrl-C and NaN guards
+    §14 Pictures: previews, turntables, grids
+    §15 Many GPUs: the particles split over the processes that torchrun starts (torch.distributed)
+    §16 Export: a textured mesh as OBJ (+MTL +PNG) and binary glTF (.glb)
+    §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes model
+    §18 Getting the weights: the Hugging Face hub, local folders, random test models
+    §19 The command line (main last)
+
+Part I names Part II only through the bookkeeping seam (`Run`), the progress bar and the weight loaders: a
+reader can stop at the END banner. Reading path, 15 minutes: distillation_grad (§3: the update g of SDS and
+VSD) -> LoRAScore.loss (§4: how eps_phi learns the particles' distribution, Eq. 8) -> train_nerf (§8: one
+step of Algorithm 1 on a NeRF) -> distill_points (§11: the same update on points, where Theorem 2 is exact).
+
+The hash grid lives in hashgrid.py, marching tetrahedra and DMTet in marching_tets.py. Letters used in shape
+comments: B batch, C channels, H/W height/width, N points or rays, S samples per ray, d point dimension,
+n particles.
 """
 import argparse
 import contextlib
@@ -44,8 +73,12 @@ from PIL import Image, ImageDraw
 from hashgrid import HashGrid
 from marching_tets import DMTet
 
+# =============================================================================
+# PART I, THE METHOD
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# Config: every hyperparameter, with the paper's value and where it comes from
+# §1 Config: every hyperparameter, with the paper's value and where it comes from
 
 
 @dataclass
@@ -126,12 +159,18 @@ def guidance_scale(cfg, method):
 
 
 # -----------------------------------------------------------------------------
-# 1. Diffusion priors: the one seam (see DESIGN.md)
+# §2 Diffusion priors: the seam (eps_pretrain)
 #
 # A prior is any object with
-#   alphas_cumprod       (1000,) the DDPM schedule, t an integer in 0..999
-#   encode(images) -> x0 images (B,3,H,W) in [0,1] -> the space the model diffuses in
-#   predict_noise(x_t, t, camera=None) -> eps   eps_pretrain(x_t, t, y^c), CFG applied
+#   alphas_cumprod                          (1000,) the DDPM schedule, t an integer in 0..999
+#   encode(images) -> x0                    images (B,3,H,W) in [0,1] -> the space the model diffuses in
+#   predict_noise(x_t, t, camera) -> eps    eps_pretrain(x_t, t, y^c), CFG applied; camera may be None
+# and, if it has them,
+#   decode(x0) -> images                    for pictures of the particles
+#   guidance                                its CFG scale (stages 2 and 3 distil at different ones)
+#   eps_phi(cfg) -> an eps_phi (§4)         its own variational score; other priors get a SmallScore
+# Stable Diffusion below is the paper's prior; the Gaussian mixture is exact, for Theorem 2. The demo prior
+# of coloured shapes (Part II, §17) is a third.
 
 
 def sd_alphas_cumprod():
@@ -171,146 +210,6 @@ class GaussianMixturePrior:
     def sample(self, n, generator=None):
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator)
-
-
-def char_tokenizer(max_length):
-    """A CLIP BPE tokenizer over single characters, from files written to a temporary folder at run time
-    and removed once read (no download). Returns the tokenizer and its vocabulary size."""
-    from transformers import CLIPTokenizer
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    with tempfile.TemporaryDirectory(prefix="char-tokenizer-") as folder:
-        with open(os.path.join(folder, "vocab.json"), "w") as f:
-            json.dump({tok: i for i, tok in enumerate(tokens)}, f)
-        with open(os.path.join(folder, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                                  model_max_length=max_length)
-    return tokenizer, len(tokens)
-
-
-def tiny_unet(prediction_type="epsilon", seed=0):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4)
-    unet.register_to_config(prediction_type=prediction_type)  # diffusers keeps this on the scheduler; we keep it here
-    return unet
-
-
-def tiny_sd(seed=0):
-    """A tiny random Stable Diffusion built from configs: same classes and code path as the real one.
-    Its pictures are noise; it exists so that everything runs on a CPU with no download."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-    tokenizer, vocab_size = char_tokenizer(16)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=16,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    return tokenizer, text_encoder, vae, tiny_unet(seed=seed)
-
-
-def random_sd21(seed=0):
-    """Stable Diffusion 2.1-base's architecture with random weights, built from configs (no download):
-    for measuring speed and memory. UNet 866M parameters, OpenCLIP-ViT-H-shaped text encoder, SD's VAE."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-    tokenizer, vocab_size = char_tokenizer(77)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-        num_attention_heads=16, hidden_act="gelu", max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=512))
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2)
-    return tokenizer, text_encoder, vae, random_sd21_unet(seed=seed)
-
-
-def random_sd21_unet(prediction_type="epsilon", seed=0):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                                use_linear_projection=True)
-    unet.register_to_config(prediction_type=prediction_type)
-    return unet
-
-
-RANDOM_MODELS = {"tiny": (tiny_sd, tiny_unet), "random-sd21": (random_sd21, random_sd21_unet)}
-
-
-def load_sd(model, dtype):
-    """Tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion repository or folder, or one
-    of the random models built from configs ("tiny" for tests, "random-sd21" for benchmarks).
-    Any failure becomes one UserError naming what was tried and how to pass a local folder."""
-    if model in RANDOM_MODELS:
-        parts = RANDOM_MODELS[model][0]()
-        return [m.to(dtype) if isinstance(m, nn.Module) and dtype != torch.float32 else m for m in parts]
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-    local = os.path.isdir(model)
-    if not local and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise UserError(f"could not load Stable Diffusion {model!r}: no such folder, and not a hub id of the form "
-                        f"owner/name. Pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base")
-    if not local:
-        check_hub(model)
-    try:
-        load = dict(torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
-        unet = load_unet(model, dtype)
-    except Exception as e:  # hub errors, OSError, missing files: all mean "could not load"
-        where = "the local folder" if local else "the Hugging Face hub and the local cache"
-        raise UserError(
-            f"could not load Stable Diffusion {model!r} from {where} ({type(e).__name__}). Download it once "
-            f"with network access, or pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base"
-        ) from None
-    return tokenizer, text_encoder, vae, unet
-
-
-@functools.cache
-def check_hub(model):
-    """Before the hub is asked for a model: say once where it comes from and how to stay offline, and when
-    the hub cannot be reached at all, say so now (the downloader would retry every file for minutes)."""
-    from huggingface_hub import constants, model_info
-    from huggingface_hub.errors import HfHubHTTPError
-    if constants.HF_HUB_OFFLINE:
-        return
-    print(f"{model}: from the Hugging Face hub or its local cache (offline: HF_HUB_OFFLINE=1, or --model FOLDER)",
-          flush=True)
-    try:
-        model_info(model, timeout=10)
-    except HfHubHTTPError:  # the hub answered (no such model, gated, ...): the loader's error says which
-        pass
-    except Exception as e:  # no connection, DNS, timeout, TLS
-        raise UserError(f"cannot reach the Hugging Face hub for {model!r} ({type(e).__name__}). If it is in the "
-                        f"local cache, run with HF_HUB_OFFLINE=1; or pass a local diffusers folder: "
-                        f"--model /path/to/stable-diffusion-2-1-base") from None
-
-
-def load_unet(model, dtype):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    if not os.path.isdir(model):
-        check_hub(model)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-    sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    unet.register_to_config(prediction_type=sched.config.prediction_type)
-    return unet
-
-
-def scheduler_config(model):
-    """The model's noise schedule (scheduler/scheduler_config.json, cached by load_unet); the random
-    models have SD's scaled-linear schedule."""
-    from diffusers import DDPMScheduler
-    if model in RANDOM_MODELS:
-        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config
-    return DDPMScheduler.load_config(model, subfolder="scheduler")
 
 
 VIEWS = ("front", "side", "back", "overhead")
@@ -357,6 +256,10 @@ class StableDiffusionPrior:
         with torch.no_grad():
             emb = text_encoder.to(device)(ids.to(device))[0].to(self.dtype)  # (6, L, D)
         self.emb_plain, self.emb_views, self.emb_negative = emb[:1], emb[1:5], emb[5:]
+
+    def eps_phi(self, cfg):
+        """Its variational score (§4): a LoRA of a v-prediction SD UNet with a camera MLP (App. F)."""
+        return LoRAScore(self, cfg)
 
     def encode(self, images):
         """(B,3,H,W) in [0,1] -> latents (B,4,h,w) * 0.18215; renders are resized to the model's size."""
@@ -408,13 +311,19 @@ class pretrained_pass:
             self.unet.enable_adapters()
 
 
+def set_guidance_scale(prior, scale):
+    """Stage 2 distils at CFG 100 (SDS), stage 3 at 7.5 (VSD): set the scale on priors that have one."""
+    if hasattr(prior, "guidance"):
+        prior.guidance = scale
+
+
 # -----------------------------------------------------------------------------
-# 2. Score distillation: SDS (Eq. 3) and VSD (Eq. 9)
+# §3 Score distillation: SDS (Eq. 3) and VSD (Eq. 9)
 
 
-def t_range(step, cfg, anneal_at):
-    """Annealed time schedule (Sec. 4.2): t ~ U(0.02, 0.98) before anneal_at, U(0.02, 0.50) after."""
-    return (cfg.t_min, cfg.t_max if step < anneal_at else cfg.t_max_annealed)
+def t_range(step, cfg, shrink_at):
+    """Annealed time schedule (Sec. 4.2): t ~ U(0.02, 0.98) before step shrink_at, U(0.02, 0.50) from it on."""
+    return (cfg.t_min, cfg.t_max if step < shrink_at else cfg.t_max_annealed)
 
 
 def sample_t(batch, lo, hi, device, generator=None):
@@ -450,10 +359,16 @@ def surrogate_loss(x0, g):
 
 
 # -----------------------------------------------------------------------------
-# 3. The variational score eps_phi (Eq. 8): the noise prediction of the particles' own distribution
+# §4 The variational score eps_phi (Eq. 8): the noise prediction of the particles' own distribution
 #
-# Two forms, as in the paper: a LoRA of a Stable Diffusion UNet with a camera MLP (3D and 2D with SD,
-# App. F), or a small network trained from scratch for point and pixel priors (App. G).
+# Every eps_phi has one interface:
+#   predict_noise(x_t, t, camera) -> eps    what VSD's g (Eq. 9) subtracts; no gradient
+#   loss(x0, camera)                        Eq. (8) on the detached particles, with its own t and noise
+#   trainable()                             the parameters that Eq. (8) trains
+#   optimizer(), learning_rate(step)        its AdamW and the lr schedule of each step
+# and eps_phi_step takes one step of Eq. (8) in every loop. Three forms: a LoRA of a Stable Diffusion UNet with
+# a camera MLP (3D and 2D with SD, App. F); a small network trained from scratch for other priors (App. G); and
+# whatever a prior brings through prior.eps_phi(cfg) (the shapes demo's LoRA of its pixel UNet, §17).
 
 
 class LoRAScore(nn.Module):
@@ -467,17 +382,7 @@ class LoRAScore(nn.Module):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding
         from peft import LoraConfig
-        if cfg.lora_model == "same":
-            unet = prior.unet
-        elif cfg.model in RANDOM_MODELS:  # a random prior gets a random v-prediction UNet of the same shape
-            unet = RANDOM_MODELS[cfg.model][1]("v_prediction", seed=1).to(prior.device)
-            unet = unet if prior.dtype == torch.float32 else unet.to(prior.dtype)
-        else:
-            try:
-                unet = load_unet(cfg.lora_model, prior.dtype).to(prior.device)
-            except Exception as e:
-                raise UserError(f"could not load the LoRA UNet {cfg.lora_model!r} ({type(e).__name__}); pass a "
-                                f"local folder with --lora-model, or --lora-model same to use --model's UNet") from None
+        unet = lora_unet(prior, cfg)                   # --lora-model's UNet, or the prior's own with "same"
         if getattr(unet, "_hf_peft_config_loaded", False):  # a LoRA left on the shared UNet by an earlier stage
             unet.delete_adapters("default")
         unet.requires_grad_(False)
@@ -492,9 +397,17 @@ class LoRAScore(nn.Module):
                 p.data = p.data.float()
         self.unet, self.prior, self.dropout = unet, prior, cfg.camera_dropout
         self.v_prediction = unet.config.prediction_type == "v_prediction"
+        self.lr, self.weight_decay, self.warmup = cfg.lora_lr, cfg.lora_weight_decay, cfg.lora_warmup
 
     def trainable(self):
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def optimizer(self):
+        return torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def learning_rate(self, step):
+        """lr 1e-4 (App. F), reached by a linear warm-up over the first lora_warmup steps (the authors' nerf/utils.py)."""
+        return self.lr * min(1.0, (step + 1) / self.warmup)
 
     def forward(self, x_t, t, camera):  # the raw network output: v (or eps if the base UNet is eps-pred)
         b = len(x_t)
@@ -535,11 +448,12 @@ def time_embedding(t, dim=16):
 class SmallScore(nn.Module):
     """eps_phi trained from scratch (App. G), for priors without a UNet to adapt: an MLP for points
     (B, d), a small conv net for images (B, C, H, W). Condition: time features, plus the camera's c2w
-    (zeros when dropped or absent). Trained with eps-prediction."""
+    (zeros when dropped or absent). Trained with eps-prediction, AdamW at a constant lr; `repeats` noise
+    draws per particle in Eq. (8) lower the loss's variance for cheap point particles."""
 
-    def __init__(self, x0_shape, dropout=0.1, width=128):
+    def __init__(self, x0_shape, alphas_cumprod, dropout=0.1, width=128, repeats=1, lr=1e-3):
         super().__init__()
-        self.dropout = dropout
+        self.alphas_cumprod, self.dropout, self.repeats, self.lr = alphas_cumprod, dropout, repeats, lr
         self.image = len(x0_shape) == 4
         cond = 16 + 16
         if self.image:
@@ -557,6 +471,12 @@ class SmallScore(nn.Module):
     def trainable(self):
         return list(self.parameters())
 
+    def optimizer(self):
+        return torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=0.0)
+
+    def learning_rate(self, step):
+        return self.lr
+
     def forward(self, x_t, t, camera):
         b = len(x_t)
         c = torch.zeros(b, 16, device=x_t.device) if camera is None else camera.c2w.reshape(b, 16).to(x_t)
@@ -570,49 +490,55 @@ class SmallScore(nn.Module):
     def predict_noise(self, x_t, t, camera):
         return self(x_t, t, camera)
 
-    def loss(self, x0, camera, alphas_cumprod, repeats=1):
-        """Eq. (8): ||eps_phi(x_t, t, c) - eps||^2 on the detached particles, t ~ U{0..999}; `repeats`
-        noise draws per particle lower the variance for cheap point particles."""
-        x0 = x0.detach().repeat(repeats, *[1] * (x0.ndim - 1))
+    def loss(self, x0, camera):
+        """Eq. (8): ||eps_phi(x_t, t, c) - eps||^2 on the detached particles, t ~ U{0..999}, `repeats` draws each."""
+        r = self.repeats
+        x0 = x0.detach().repeat(r, *[1] * (x0.ndim - 1))
         t = torch.randint(0, 1000, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
         if camera is not None:
             keep = (torch.rand(len(camera.c2w), device=x0.device) >= self.dropout).float().view(-1, 1, 1)
-            c2w = (camera.c2w * keep).repeat(repeats, 1, 1)
-            camera = Camera(c2w, *[v.repeat(repeats) for v in (camera.fovy, camera.elevation, camera.azimuth,
-                                                                 camera.distance)])
-        return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t, camera), eps)
+            c2w = (camera.c2w * keep).repeat(r, 1, 1)
+            camera = Camera(c2w, *[v.repeat(r) for v in (camera.fovy, camera.elevation, camera.azimuth, camera.distance)])
+        return F.mse_loss(self(add_noise(x0, t, eps, self.alphas_cumprod), t, camera), eps)
 
 
 def make_eps_phi(prior, cfg, device, x0_shape=None):
-    """LoRA for Stable Diffusion, a small from-scratch network for any other prior (shaped like x0_shape,
-    or the x0 of one cfg.resolution render). Returns the network and its optimiser (lr 1e-4 for LoRA, App. F)."""
-    if isinstance(prior, StableDiffusionPrior):
-        net = LoRAScore(prior, cfg)
-        return net, torch.optim.AdamW(net.trainable(), lr=cfg.lora_lr, weight_decay=cfg.lora_weight_decay)
-    if isinstance(prior, ShapesPrior):  # a LoRA of its own UNet: cleaner particles than SmallScore (README)
-        net = ShapesLoRA(prior, cfg.lora_rank)
-        return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
-    net = SmallScore(x0_shape or probe_shape(prior, cfg, device), cfg.camera_dropout).to(device)
-    return net, torch.optim.AdamW(net.trainable(), lr=1e-3, weight_decay=0.0)
+    """eps_phi and its optimiser: the prior's own (prior.eps_phi(cfg)), else a small network from scratch
+    shaped like x0_shape (default: the x0 of one cfg.resolution render)."""
+    if hasattr(prior, "eps_phi"):
+        net = prior.eps_phi(cfg)
+    else:
+        net = SmallScore(x0_shape or probe_shape(prior, cfg, device), prior.alphas_cumprod, cfg.camera_dropout).to(device)
+    return net, net.optimizer()
 
 
-def warm_up_lora(eps_phi, opt_phi, cfg, step):
-    """The LoRA's lr rises linearly over its first lora_warmup steps (the authors' nerf/utils.py); a
-    from-scratch eps_phi keeps its lr."""
-    if isinstance(eps_phi, LoRAScore):
-        for group in opt_phi.param_groups:
-            group["lr"] = cfg.lora_lr * min(1.0, (step + 1) / cfg.lora_warmup)
+def probe_shape(prior, cfg, device):
+    """The shape of x0 for one render, so a from-scratch eps_phi can be built to match."""
+    with torch.no_grad():
+        return tuple(prior.encode(torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device)).shape)
 
 
-def eps_phi_loss(eps_phi, prior, x0, camera):
-    if isinstance(eps_phi, LoRAScore):
-        return eps_phi.loss(x0, camera)
-    return eps_phi.loss(x0, camera, prior.alphas_cumprod)
+def eps_phi_step(eps_phi, opt_phi, x0, camera, step, average=None):
+    """One step of Eq. (8) on the particles x0 (detached: eps_phi follows the particles, it does not move them)
+    at eps_phi's learning rate for this step. average: under torchrun, Run.average makes the gradient the mean
+    over the processes, so that all train one eps_phi on all particles. Returns the loss (0 without eps_phi:
+    SDS has none)."""
+    if eps_phi is None:
+        return torch.zeros(())
+    loss = eps_phi.loss(x0.detach(), camera)
+    opt_phi.zero_grad()
+    loss.backward()
+    if average is not None:
+        average(eps_phi)
+    for group in opt_phi.param_groups:
+        group["lr"] = eps_phi.learning_rate(step)
+    opt_phi.step()
+    return loss.detach()
 
 
 # -----------------------------------------------------------------------------
-# 4. Cameras
+# §5 Cameras
 
 
 @dataclass
@@ -674,7 +600,7 @@ def turntable_cameras(frames, cfg, device, elevation=15.0):
 
 
 # -----------------------------------------------------------------------------
-# 5. The NeRF field: hash grid -> single-layer MLPs (App. F), with the density initialisation of Sec. 4.2
+# §6 The particle theta: a NeRF field, hash grid -> single-layer MLPs (App. F), density initialised (Sec. 4.2)
 
 
 def density_init(x, init):
@@ -730,7 +656,7 @@ def field_optimizer(field, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 6. Volume rendering: 64 stratified + 32 importance samples per ray (App. F), empty space skipped
+# §7 Volume rendering and deferred back-propagation: 64 stratified + 32 importance samples per ray (App. F)
 #
 # Most of a ray crosses empty space, and most of the rest lies behind the first opaque surface. Three
 # things keep the renderer from spending its work there (Instant-NGP and nerfacc do the first two):
@@ -905,35 +831,6 @@ def over_background(field, d, composited, background):
     return color + (1 - opacity) * bg, opacity, depth, w
 
 
-# Peak bytes per sample a render holds (default NeRFField, 16 levels): without autograd (each level's corner
-# rows and weights made and freed in turn), and with the graph that backward needs (every level's rows and
-# weights, the MLPs' activations). Peak RSS over 64x64 rays on the CPU: 965 and 2630 (2617 and 2865 before
-# the hash grid went level by level); rounded up.
-SAMPLE_BYTES = {False: 1200, True: 3000}
-
-
-def memory_budget(device, gb=0.0):
-    """Bytes one render may hold: gb GiB if given, else a quarter of what is free now (CUDA: free memory plus
-    PyTorch's cached blocks; CPU: MemAvailable)."""
-    if gb:
-        return int(gb * 2**30)
-    if torch.device(device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 4
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) // 4
-    except (OSError, StopIteration):
-        return 2**30
-
-
-def rays_per_chunk(budget, samples, graph):
-    """The most rays whose samples fit in the budget, as a power of two between 2^8 and 2^15 (a power of two so
-    that small changes in free memory do not change the chunks, and with them the order of float sums)."""
-    rays = budget // (samples * SAMPLE_BYTES[graph])
-    return 1 << int(min(max(rays, 256), 1 << 15)).bit_length() - 1
-
-
 def render(field, camera, height, width, background=None, n_samples=64, n_importance=32, chunk=None, depths=None,
            deltas=None, keep=None, occupancy=None):
     """Volume-render a batch of cameras. background: None (the field's MLP) or (B, 3) solid colours;
@@ -971,7 +868,7 @@ def render(field, camera, height, width, background=None, n_samples=64, n_import
 def render_for_step(field, camera, size, background, cfg):
     """The training render x = g(theta, c). If the autograd graph of the whole image fits in the memory
     budget (the 64-px warm-up does), render once with it and let backward_through_render go back through
-    it; otherwise render without gradient and re-render there."""
+    it; otherwise render without gradient (deferred back-propagation) and re-render there."""
     budget, samples = memory_budget(camera.c2w.device, cfg.render_memory_gb), cfg.n_samples + cfg.n_importance
     graph = len(camera) * size * size * samples * SAMPLE_BYTES[True] <= budget
     with torch.set_grad_enabled(graph):
@@ -979,172 +876,74 @@ def render_for_step(field, camera, size, background, cfg):
                       rays_per_chunk(budget, samples, graph), occupancy=field.occupancy)
 
 
-def opacity_regularisers(opacity, n, cfg, step):
-    """Stage-1 regularisers of one chunk of rays, each a mean over the n rays of the image (the chunks add up),
-    as threestudio's prolificdreamer system has them: sparsity sqrt(o^2 + 0.01) against fog and floaters, and
-    from step opaque_start on the binary entropy of o, which pushes every pixel to fully on or off. opacity
-    (N, 1). (The authors' alternative, an entropy on the compositing weights, is not used.)"""
-    sparsity = (opacity.pow(2) + 0.01).sqrt().sum() / n
-    o = opacity.clamp(1e-3, 1 - 1e-3)
-    opaque = -(o * o.log() + (1 - o) * (1 - o).log()).sum() / n
-    return cfg.lambda_sparsity * sparsity + (cfg.lambda_opaque if step >= cfg.opaque_start else 0.0) * opaque
-
-
-def kept_samples(first, min_transmittance):
+def kept_samples(rendered, min_transmittance):
     """Early ray termination: the drawn samples whose transmittance T_i = 1 - sum_{j<i} w_j is still above the
     threshold. Every gradient through a sample behind that point carries the factor T_i, so dropping them
     changes the gradient by less than the threshold's share. (N, S) bool."""
-    w = first["weights"].detach()
-    return (first["deltas"] > 0) & (1 - (w.cumsum(-1) - w) > min_transmittance)
+    w = rendered["weights"].detach()
+    return (rendered["deltas"] > 0) & (1 - (w.cumsum(-1) - w) > min_transmittance)
 
 
-def backward_through_render(field, camera, size, first, grad_rgb, background, cfg, step=0, chunk=None):
-    """Back-propagate dL/d(image) = grad_rgb (B,3,H,W), which the prior gave, into the field; the opacity
-    regularisers join here. If the render kept its autograd graph, go back through it. Otherwise it was a
-    gradient-free render (deferred back-propagation): re-render its samples chunk by chunk with autograd,
-    early-terminated (kept_samples), and call backward(grad) on each chunk: the parameter gradients add up
-    to exactly those of one big differentiable render of the kept samples, with the memory of one chunk."""
-    g = grad_rgb.permute(0, 2, 3, 1).reshape(-1, 3)                            # (N, 3)
-    n = len(g)
-    if first["rgb"].requires_grad:
-        opacity = first["opacity"].permute(0, 2, 3, 1).reshape(-1, 1)
-        ((first["rgb"] * grad_rgb).sum() + opacity_regularisers(opacity, n, cfg, step)).backward()
+def backward_through_render(field, camera, size, rendered, grad_rgb, grad_opacity, background, cfg, chunk=None):
+    """Back-propagate the loss's gradients w.r.t. the rendered image, grad_rgb (B,3,H,W), and its opacity,
+    grad_opacity (B,1,H,W), into the field: the backward of sum(rgb * grad_rgb) + sum(opacity * grad_opacity),
+    whose gradient at the render is exactly those (the trick of surrogate_loss). If the render kept its
+    autograd graph, go back through it. Otherwise it was a gradient-free render (deferred back-propagation):
+    re-render its samples chunk by chunk with autograd, early-terminated (kept_samples), and call backward on
+    each chunk: the parameter gradients add up to exactly those of one big differentiable render of the kept
+    samples, with the memory of one chunk."""
+    if rendered["rgb"].requires_grad:
+        ((rendered["rgb"] * grad_rgb).sum() + (rendered["opacity"] * grad_opacity).sum()).backward()
         return
+    g_rgb = grad_rgb.permute(0, 2, 3, 1).reshape(-1, 3)                      # (N, 3)
+    g_opacity = grad_opacity.permute(0, 2, 3, 1).reshape(-1, 1)              # (N, 1)
     o, d = camera_rays(camera, size, size)
-    keep = kept_samples(first, cfg.min_transmittance)
+    keep = kept_samples(rendered, cfg.min_transmittance)
     bg = None if background is None else background.repeat_interleave(size * size, 0)
     chunk = chunk or rays_per_chunk(memory_budget(o.device, cfg.render_memory_gb), keep.shape[1], True)
-    for k in range(0, n, chunk):
+    for k in range(0, len(o), chunk):
         sl = slice(k, k + chunk)
-        rgb, opacity, _, _ = render_rays(field, o[sl], d[sl], first["depths"][sl], first["deltas"][sl], keep[sl],
-                                         None if bg is None else bg[sl])
-        loss = (rgb * g[sl]).sum() + opacity_regularisers(opacity, n, cfg, step)
-        loss.backward()
+        rgb, opacity, _, _ = render_rays(field, o[sl], d[sl], rendered["depths"][sl], rendered["deltas"][sl],
+                                         keep[sl], None if bg is None else bg[sl])
+        ((rgb * g_rgb[sl]).sum() + (opacity * g_opacity[sl]).sum()).backward()
+
+
+# Peak bytes per sample a render holds (default NeRFField, 16 levels): without autograd (each level's corner
+# rows and weights made and freed in turn), and with the graph that backward needs (every level's rows and
+# weights, the MLPs' activations). Peak RSS over 64x64 rays on the CPU: 965 and 2630 (2617 and 2865 before
+# the hash grid went level by level); rounded up.
+SAMPLE_BYTES = {False: 1200, True: 3000}
+
+
+def memory_budget(device, gb=0.0):
+    """Bytes one render may hold: gb GiB if given, else a quarter of what is free now (CUDA: free memory plus
+    PyTorch's cached blocks; CPU: MemAvailable)."""
+    if gb:
+        return int(gb * 2**30)
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 4
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) // 4
+    except (OSError, StopIteration):
+        return 2**30
+
+
+def rays_per_chunk(budget, samples, graph):
+    """The most rays whose samples fit in the budget, as a power of two between 2^8 and 2^15 (a power of two so
+    that small changes in free memory do not change the chunks, and with them the order of float sums)."""
+    rays = budget // (samples * SAMPLE_BYTES[graph])
+    return 1 << int(min(max(rays, 256), 1 << 15)).bit_length() - 1
 
 
 # -----------------------------------------------------------------------------
-# Many GPUs: the particles split over the processes that torchrun starts (torch.distributed)
-#
-# `torchrun --nproc_per_node N prolific.py ...` runs N copies of this program. Rank r owns particles
-# r P/N .. (r+1) P/N - 1. eps_phi is replicated: it starts from rank 0's weights and its gradients are
-# averaged over the ranks before every step, so all ranks train one eps_phi on all P particles, as in
-# Algorithm 1 with n = P. Every rank builds eps_phi right after torch.manual_seed(seed), then reseeds with
-# seed + 1000 r: its particles and random draws (cameras, t, noise) are its own, and rank 0's are those of
-# a plain run. Rank 0 writes the log, config, previews and checkpoints; each rank writes its own
-# particles' turntables. A plain `python prolific.py` has no process group and all of this does nothing.
+# §8 Stage 1: text -> NeRF with VSD (Algorithm 1)
 
 
-def world():
-    """(rank, number of processes): torchrun's RANK and WORLD_SIZE; (0, 1) for a plain run."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def setup_distributed():
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPU). Returns the device this rank computes
-    on: cuda:LOCAL_RANK, or the CPU. Without torchrun's environment: no process group."""
-    cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ:
-        return torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def check_split(args, cfg):
-    """Before joining the process group: the particles must split evenly over the processes."""
-    n = world()[1]
-    if n > 1 and args.toy:
-        raise UserError("--toy runs in one process: start it with python, not torchrun")
-    if not args.resume and cfg.particles % n:  # a resumed run was split when it started
-        raise UserError(f"--particles {cfg.particles} does not split over {n} processes; use a multiple of {n}")
-
-
-def my_particles(cfg):
-    """The global indices of this rank's particles."""
-    rank, n = world()
-    k = cfg.particles // n
-    return range(rank * k, (rank + 1) * k)
-
-
-def broadcast_params(module):
-    """Rank 0's trainable weights on every rank (eps_phi's frozen UNet is the same file everywhere)."""
-    if world()[1] > 1:
-        for p in module.trainable():
-            dist.broadcast(p.data, src=0)
-
-
-def all_reduce_grads(module):
-    """Average the trainable gradients over the ranks, all in one flat all-reduce: every rank then takes
-    the same optimiser step on the mean of the ranks' Eq. (8) losses."""
-    n = world()[1]
-    if n == 1:
-        return
-    params = module.trainable()
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
-    for p, g in zip(params, (flat / n).split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def gather_cat(x, dim=0):
-    """x from every rank (the same shape everywhere), concatenated in rank order along dim."""
-    n = world()[1]
-    if n == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim)
-
-
-def gather_lists(items):
-    """Every rank's list, joined in rank order, on rank 0 (None on the others). Tensors go to the CPU
-    first, so that rank 0 never unpickles a tensor onto another rank's GPU."""
-    rank, n = world()
-    items = to_cpu(items)
-    if n == 1:
-        return items
-    parts = [None] * n if rank == 0 else None
-    dist.gather_object(items, parts, dst=0)
-    return None if parts is None else [x for part in parts for x in part]
-
-
-def to_cpu(obj):
-    """A copy of a nest of dicts, lists and tensors (a state_dict) with every tensor on the CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def on_rank0(fn, *args):
-    """fn(*args) on rank 0 alone; every rank returns its result, or raises its UserError."""
-    rank, n = world()
-    result = [None]
-    if rank == 0:
-        try:
-            result = [fn(*args)]
-        except UserError as e:
-            result = [e]
-    if n > 1:
-        dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
-
-
-# -----------------------------------------------------------------------------
-# 7. Stage 1: text -> NeRF with VSD (Algorithm 1)
-
-
-def resolution(step, cfg):
-    """Render at 64 for the first warmup_steps (cheap while the shape forms), then at cfg.resolution."""
+def render_size(step, cfg):
+    """The size stage 1 renders at: 64 for the first warmup_steps (cheap while the shape forms), then
+    cfg.resolution."""
     return min(cfg.warmup_resolution, cfg.resolution) if step < cfg.warmup_steps else cfg.resolution
 
 
@@ -1153,40 +952,15 @@ def anneal_at(cfg):
     return cfg.anneal_step if cfg.init == "object" else 2 * cfg.anneal_step
 
 
-class TrainingStopped(Exception):
-    """A run that cannot continue (its parameters became NaN or inf): message printed, exit 1. The last
-    checkpoint on disk was saved before, from finite parameters."""
-
-
-def check_finite(step, *modules):
-    """Stop as soon as a trainable parameter is NaN or inf, before anything saves it. (g itself is cleaned
-    in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)"""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    # A NaN or inf anywhere makes the sum NaN or inf (inf - inf is NaN): one reduction a tensor, one device
-    # sync, 5x cheaper than isfinite().all() on the CPU (no 12M-element bool temporary).
-    if not torch.stack([p.detach().sum() for p in params]).sum().isfinite():
-        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; the last checkpoint (saved "
-                              f"before, finite) is kept")
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Context: Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act as usual. Around a
-    step's optimiser steps: its updates land whole or not at all, so a checkpoint holds exactly the steps
-    it names, and a resume never applies one twice."""
-    if threading.current_thread() is not threading.main_thread():  # (only the main thread gets signals)
-        yield
-        return
-    caught = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    old = [signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held]
-    try:
-        yield
-    finally:
-        for s, handler in zip(held, old):
-            signal.signal(s, handler)
-    if caught:
-        signal.raise_signal(caught[0])
+def opacity_regularisers(opacity):
+    """Stage 1's two regularisers of the rendered opacity o (B,1,H,W), means over the pixels as threestudio's
+    prolificdreamer system has them: sparsity sqrt(o^2 + 0.01), against fog and floaters, and the binary
+    entropy of o, which pushes every pixel to fully on or off. (The authors' alternative, an entropy on the
+    compositing weights, is not used.) -> (sparsity, opaque)."""
+    sparsity = (opacity.pow(2) + 0.01).sqrt().mean()
+    o = opacity.clamp(1e-3, 1 - 1e-3)
+    opaque = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
+    return sparsity, opaque
 
 
 def train_nerf(prior, cfg, out=None, resume=False, progress=False):
@@ -1196,265 +970,39 @@ def train_nerf(prior, cfg, out=None, resume=False, progress=False):
     out: run folder for previews, log, checkpoints and turntables (None: write nothing);
     resume: continue from out/checkpoint.pt exactly where it stopped."""
     device = prior.alphas_cumprod.device
-    rank = world()[0]
     torch.manual_seed(cfg.seed)
-    eps_phi, opt_phi = None, None
-    if cfg.method == "vsd":
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
-        broadcast_params(eps_phi)                                            # one eps_phi on all ranks
-    torch.manual_seed(cfg.seed + 1000 * rank)                                # this rank's own random stream
-    particles = [NeRFField(cfg).to(device) for _ in my_particles(cfg)]
+    eps_phi, opt_phi = make_eps_phi(prior, cfg, device) if cfg.method == "vsd" else (None, None)
+    torch.manual_seed(cfg.seed + 1000 * Run.rank())                          # this rank's own random stream
+    particles = [NeRFField(cfg).to(device) for _ in Run.my_particles(cfg)]
     optims = [field_optimizer(f, cfg) for f in particles]
-    start = load_checkpoint(out, particles, optims, eps_phi, opt_phi) if resume else 0
-    bar = progress_bar(range(start, cfg.steps), progress and rank == 0, desc="stage 1", initial=start,
-                       total=cfg.steps)
-    done, rng = start, rng_state()  # the steps in the parameters, and the random state that continues them
-    try:
-        for step in bar:
-            i = int(torch.randint(len(particles), ()))
+    with Run.stage1(out, cfg, particles, optims, eps_phi, opt_phi, resume, progress) as run:
+        for step in run.steps:
+            i = int(torch.randint(len(particles), ()))                       # a random particle theta_i
             field, opt = particles[i], optims[i]
-            camera, size = sample_cameras(1, cfg, device), resolution(step, cfg)
+            camera, size = sample_cameras(1, cfg, device), render_size(step, cfg)
             bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else None
-            first = render_for_step(field, camera, size, bg, cfg)            # x = g(theta, c)
-            image = first["rgb"].detach().requires_grad_(True)               # (1, 3, size, size)
+            rendered = render_for_step(field, camera, size, bg, cfg)         # x = g(theta, c)
+            image = rendered["rgb"].detach().requires_grad_(True)            # (1, 3, size, size)
+            opacity = rendered["opacity"].detach().requires_grad_(True)      # (1, 1, size, size)
             x0 = prior.encode(image)                                         # (1, C, h, w), graph to image
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
-            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9) or (3)
-            loss = surrogate_loss(x0, g)
-            loss.backward()                                                  # image.grad = dL/dx
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # Eq. (9), or (3) for SDS
+            sparsity, opaque = opacity_regularisers(opacity)
+            loss = (surrogate_loss(x0, g) + cfg.lambda_sparsity * sparsity
+                    + (cfg.lambda_opaque if step >= cfg.opaque_start else 0.0) * opaque)
+            loss.backward()                                                  # dL/dx: image.grad, opacity.grad
             opt.zero_grad()
-            backward_through_render(field, camera, size, first, image.grad, bg, cfg, step)
-            with signals_held():                                             # the step lands whole
+            backward_through_render(field, camera, size, rendered, image.grad, opacity.grad, bg, cfg)  # -> theta_i
+            with run.update(step):                                           # the step lands whole
                 opt.step()
                 field.occupancy.step(field.density)                          # every 16th: refresh the grid
-                loss_phi = torch.zeros(())
-                if eps_phi is not None:                                      # Eq. (8): LoRA step
-                    loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
-                    opt_phi.zero_grad()
-                    loss_phi.backward()
-                    all_reduce_grads(eps_phi)                                # mean over the ranks
-                    warm_up_lora(eps_phi, opt_phi, cfg, step)
-                    opt_phi.step()
-                done, rng = step + 1, rng_state()
-            check_finite(step, eps_phi, *particles)
-            bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t), res=size)
-            if out is not None:
-                periodic_outputs(out, done, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size)
-        if out is not None and start < cfg.steps:
-            save_checkpoint(out, cfg.steps, particles, optims, eps_phi, opt_phi, rng)
-    except KeyboardInterrupt:
-        # save the `done` steps, then stop (a second Ctrl-C waits for the save). Under torchrun the ranks stop
-        # at different points and cannot meet to gather a checkpoint: the last periodic one is kept.
-        if out is not None and world()[1] == 1:
-            with signals_held():
-                save_checkpoint(out, done, particles, optims, eps_phi, opt_phi, rng)
-            print(f"\ninterrupted at step {done}; resume with: python prolific.py --resume {out}", file=sys.stderr)
-        raise
-    if out is not None:  # a resumed run finishes the turntables an interruption left half done
-        for k, f in zip(my_particles(cfg), particles):                       # each rank renders its own
-            write_turntable(f, cfg, os.path.join(out, f"particle{k}"))
+                loss_phi = eps_phi_step(eps_phi, opt_phi, x0, camera, step, Run.average)  # Eq. (8)
+            run.show(loss=loss, phi=loss_phi, t=t, res=size)
     return particles
 
 
-def probe_shape(prior, cfg, device):
-    """The shape of x0 for one render, so a from-scratch eps_phi can be built to match."""
-    with torch.no_grad():
-        return tuple(prior.encode(torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device)).shape)
-
-
-def bar_info(bar, **info):
-    if hasattr(bar, "set_postfix"):
-        bar.set_postfix(**info)
-
-
-def periodic_outputs(out, step, cfg, particles, optims, eps_phi, opt_phi, loss, loss_phi, t, size):
-    """Log line, previews and checkpoints every so many steps (all under the run folder)."""
-    if step % 50 == 0 or step == cfg.steps:
-        log(out, f"step {step} loss {loss.item():.5g} loss_phi {loss_phi.item():.5f} t {int(t)} res {size}")
-    if step % cfg.preview_every == 0:
-        save_preview(particles, cfg, os.path.join(out, "previews", f"step_{step:06d}.png"))
-    if step % cfg.save_every == 0 and step < cfg.steps:
-        save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng_state())
-
-
-@torch.no_grad()
-def save_preview(particles, cfg, path):
-    """Each particle seen from the front at up to 128 px: colour above depth. Each rank renders its own
-    particles; rank 0 writes all of them side by side."""
-    size = min(cfg.resolution, 128)
-    device = next(particles[0].parameters()).device
-    cam = turntable_cameras(1, cfg, device)
-    with own_rng(device, cfg.seed):
-        rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
-                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance,
-                                           occupancy=f.occupancy) for f in particles)]
-    image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
-    if world()[0] == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_image(image, path)
-
-
-def depth_image(depth, opacity, cfg):
-    """(1, H, W) depth and opacity -> (3, H, W) grey in [0,1]: near is bright; pixels less than half
-    opaque are black (the composited depth is sum w_i z_i, so divide by the opacity sum w_i)."""
-    lo, hi = camera_distance(cfg)
-    span = lo + hi  # a generous range: depths run from ~0 to the far side of the box
-    solid = opacity > 0.5
-    depth = depth / opacity.clamp(min=1e-6)
-    return ((span - depth) / span * solid).clamp(0, 1).expand(3, -1, -1)
-
-
-@contextlib.contextmanager
-def own_rng(device, seed):
-    """Context: random draws (the renderer's jittered samples) from a seeded stream of their own. Previews
-    and turntables leave training's stream alone, and a frame drawn again is the same picture."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
-def write_turntable(field, cfg, folder, frames=36, size=None):
-    """Colour | depth frames around the object, as PNGs and an animated WebP (GIF where pillow lacks WebP).
-    Frames already on disk are kept: a run interrupted here finishes the rest on --resume."""
-    stem = os.path.join(folder, "turntable")
-    if os.path.exists(animation_path(stem)):
-        return
-    size = size or min(cfg.resolution, 256)
-    os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
-    device = next(field.parameters()).device
-    cams = turntable_cameras(frames, cfg, device)
-    paths = [os.path.join(folder, "frames", f"frame_{k:03d}.png") for k in range(frames)]
-    for k, path in enumerate(paths):
-        if not os.path.exists(path):
-            with own_rng(device, cfg.seed + k):
-                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance,
-                           occupancy=field.occupancy)
-            save_image(torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2), path)
-    save_animation([Image.open(p).convert("RGB") for p in paths], stem)
-
-
-def animation_path(stem):
-    from PIL import features
-    return stem + (".webp" if features.check("webp") else ".gif")
-
-
-def save_animation(images, stem):
-    path = animation_path(stem)
-    atomic_write(path, lambda tmp: images[0].save(tmp, save_all=True, append_images=images[1:], duration=80, loop=0))
-    return path
-
-
-def rng_state():
-    """This process's generators: the CPU's and its own GPU's (not every GPU's: under torchrun that would
-    open a CUDA context on each GPU from each rank)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(rng):
-    """Restore rng_state()'s generators from a checkpoint read to the CPU (set_rng_state takes CPU tensors)."""
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
-def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
-    """Everything needed to continue exactly: particles, optimisers, eps_phi's trainable weights (LoRA and
-    camera MLP, not the frozen UNet), RNG states. Written to a temp file, then renamed (atomic)."""
-    # Under torchrun rank 0 gathers every rank's particles, optimisers and RNG states, in rank order
-    # (particles 0..P-1), and alone writes the file; eps_phi and its optimiser are the same on all ranks.
-    state = {"step": step, "world_size": world()[1], "particles": gather_lists([f.state_dict() for f in particles]),
-             "optims": gather_lists([o.state_dict() for o in optims]), "rng": gather_lists([rng])}
-    if world()[0] != 0:
-        return
-    atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
-
-
-def eps_phi_state(eps_phi, opt_phi):
-    """eps_phi's trainable weights only (LoRA and camera MLP, not the frozen UNet) and its optimiser."""
-    if eps_phi is None:
-        return {}
-    return {"eps_phi": {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad},
-            "opt_phi": opt_phi.state_dict()}
-
-
-def load_eps_phi_state(state, eps_phi, opt_phi):
-    if eps_phi is not None:
-        eps_phi.load_state_dict(state["eps_phi"], strict=False)
-        opt_phi.load_state_dict(state["opt_phi"])
-
-
-def atomic_write(path, write):
-    """write(tmp), then rename tmp -> path: a crash mid-write never leaves a broken file. A write that fails
-    (disk full, an interrupt) removes its temp file, keeps the previous file, and an OSError is one line."""
-    path = os.fspath(path)
-    tmp = path + ".tmp" + os.path.splitext(path)[1]  # the same extension: pillow picks the format by it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e.strerror or e}; the files written before are kept") from None
-        raise
-
-
-def atomic_save(state, path):
-    def write(tmp):
-        with open(tmp, "wb") as f:  # (torch.save to a file object raises OSError, not RuntimeError, on a full disk)
-            torch.save(state, f)
-    atomic_write(path, write)
-
-
-def read_checkpoint(path):
-    """A checkpoint as tensors, numbers, strings, lists and dicts on the CPU. weights_only=True: a file
-    someone hands over cannot run code here (a pickle may carry any). Unreadable files are one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint this program can read ({type(e).__name__}): damaged, or it "
-                        f"holds objects other than tensors, numbers, strings and dicts; refusing to load it") from None
-
-
-@contextlib.contextmanager
-def checkpoint_fits(path):
-    """Context: a checkpoint whose keys or shapes do not fit the model being restored is one line."""
-    try:
-        yield
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path} does not fit this run's settings ({type(e).__name__}: {detail})") from None
-
-
-def check_world_size(state, out):
-    """Each rank's particles and random stream belong to one split: resume with the same number of processes."""
-    n = world()[1]
-    if state["world_size"] != n:
-        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
-                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
-
-
-def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
-    path = os.path.join(out, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise UserError(f"{out} has no checkpoint.pt to resume from")
-    state = read_checkpoint(path)
-    rank = world()[0]
-    with checkpoint_fits(path):
-        check_world_size(state, out)
-        mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
-        for f, s in zip(particles, state["particles"][mine], strict=True):
-            f.load_state_dict(s)
-        for o, s in zip(optims, state["optims"][mine], strict=True):
-            o.load_state_dict(s)
-        load_eps_phi_state(state, eps_phi, opt_phi)
-        set_rng_state(state["rng"][rank])
-        return int(state["step"])
-
-
 # -----------------------------------------------------------------------------
-# 8. A differentiable mesh rasteriser in plain PyTorch (DMTet and marching tets: marching_tets.py)
+# §9 A differentiable mesh rasteriser in plain PyTorch (DMTet and marching tets: marching_tets.py)
 #
 # Two passes:
 #   1. Without gradient, enumerate (face, pixel) candidate pairs from each face's screen bounding
@@ -1470,8 +1018,6 @@ def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
 # (face, pixel) pairs per chunk of pass 1: ~300 bytes of temporaries each, so ~0.3 GB. For scale, one
 # 512x512 view of a 200k-face sphere filling half the image makes ~0.4M pairs.
 RASTER_CHUNK = 1 << 20
-
-
 def _to_screen(vertices, camera, height, width, near):
     """World vertices (V,3) -> pixel coordinates (B,V,2) as (u = column, v = row) and depth along -z (B,V)."""
     c2w = camera.c2w.to(vertices)
@@ -1680,7 +1226,7 @@ def render_mesh(vertices, faces, camera, height, width, *, smooth_normals=False,
 
 
 # -----------------------------------------------------------------------------
-# 9. Stages 2-3: geometry by SDS on normal maps, then texture by VSD (Sec. 4.1, App. D.2, F)
+# §10 Stages 2-3: geometry by SDS on normal maps, then texture by VSD (Sec. 4.1, App. D.2, F)
 
 
 class TextureField(nn.Module):
@@ -1719,19 +1265,19 @@ def mesh_regularisers(vertices, faces):
     return consistency, laplacian
 
 
-def normal_image(r, background):
+def normal_image(raster, background):
     """World normals in [-1,1] -> an RGB picture in [0,1] over a background colour (B,3)."""
-    return (r["normal"] * 0.5 + 0.5) * r["mask"] + background[:, :, None, None] * (1 - r["mask"])
+    return (raster["normal"] * 0.5 + 0.5) * raster["mask"] + background[:, :, None, None] * (1 - raster["mask"])
 
 
-def texture_image(tex, r, background):
+def texture_image(tex, raster, background):
     """Colour the visible surface points with the texture field; composite over the background."""
-    pos = r["position"].permute(0, 2, 3, 1)                                   # (B, H, W, 3)
-    hit = r["face_id"] >= 0                                                   # (B, H, W)
+    pos = raster["position"].permute(0, 2, 3, 1)                              # (B, H, W, 3)
+    hit = raster["face_id"] >= 0                                              # (B, H, W)
     color = torch.zeros_like(pos)
     color[hit] = tex(pos[hit])
     color = color.permute(0, 3, 1, 2)
-    return color * r["mask"] + background[:, :, None, None] * (1 - r["mask"])
+    return color * raster["mask"] + background[:, :, None, None] * (1 - raster["mask"])
 
 
 def train_geometry(prior, cfg, dmtet, out=None, progress=False, state=None):
@@ -1739,39 +1285,24 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, state=None):
     and Laplacian regularisers; the DMTet's sdf and deformation are the parameters.
     state: a stage-2 mesh checkpoint to continue from (train_mesh has loaded its DMTet)."""
     device = prior.alphas_cumprod.device
-    use_guidance(prior, cfg.cfg_sds)
+    set_guidance_scale(prior, cfg.cfg_sds)
     opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr, betas=(0.9, 0.99), eps=1e-15)
-    start = done = restore_mesh_stage(state, opt)
-    bar = progress_bar(range(start, cfg.geometry_steps), progress, desc="stage 2 geometry", initial=start,
-                       total=cfg.geometry_steps)
-    rng = rng_state()
-    try:
-        for step in bar:
-            vertices, faces = dmtet()
+    with Run.geometry(out, cfg, dmtet, opt, state, progress) as run:
+        for step in run.steps:
+            vertices, faces = dmtet()                                        # the surface, by marching tets
             camera = sample_cameras(1, cfg, device)
-            r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution, smooth_normals=True)
-            image = normal_image(r, torch.ones(1, 3, device=device))          # (1, 3, H, W) normals over white
+            raster = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution, smooth_normals=True)
+            image = normal_image(raster, torch.ones(1, 3, device=device))    # (1, 3, H, W) normals over white
             x0 = prior.encode(image)
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
-            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera)      # SDS, Eq. (3)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera)  # SDS, Eq. (3)
             consistency, laplacian = mesh_regularisers(vertices, faces)
             loss = surrogate_loss(x0, g) + cfg.lambda_normal_consistency * consistency + cfg.lambda_laplacian * laplacian
             opt.zero_grad()
             loss.backward()
-            with signals_held():                                             # the step lands whole
+            with run.update(step):                                           # the step lands whole
                 opt.step()
-                done, rng = step + 1, rng_state()
-            check_finite(step, dmtet)
-            bar_info(bar, loss=f"{loss.item():.3g}", t=int(t), faces=len(faces))
-            if out is not None and done % cfg.preview_every == 0:
-                save_image(image[0], os.path.join(out, "previews", f"geometry_{done:06d}.png"))
-            if out is not None and (done % cfg.save_every == 0 or done == cfg.geometry_steps):
-                save_mesh_checkpoint(out, 2, done, dmtet, None, opt, None, None, rng)
-    except KeyboardInterrupt:
-        if out is not None:
-            with signals_held():
-                save_mesh_checkpoint(out, 2, done, dmtet, None, opt, None, None, rng)
-        raise
+            run.show(loss=loss, t=t, faces=len(faces), picture=image)
     return dmtet
 
 
@@ -1780,71 +1311,411 @@ def train_texture(prior, cfg, dmtet, tex, out=None, progress=False, state=None):
     schedule (App. F: 30k steps). eps_phi is a fresh LoRA (or small net), as in stage 1.
     state: a stage-3 mesh checkpoint to continue from (train_mesh has loaded the texture field)."""
     device = prior.alphas_cumprod.device
-    use_guidance(prior, guidance_scale(cfg, cfg.method))
+    set_guidance_scale(prior, guidance_scale(cfg, cfg.method))
     with torch.no_grad():
         vertices, faces = dmtet()
     opt = torch.optim.AdamW([{"params": tex.grid.parameters(), "lr": cfg.grid_lr, "weight_decay": 0.0},
                              {"params": tex.color_mlp.parameters(), "lr": cfg.mlp_lr}], betas=(0.9, 0.99), eps=1e-15)
-    eps_phi, opt_phi = None, None
-    if cfg.method == "vsd":
-        eps_phi, opt_phi = make_eps_phi(prior, cfg, device)
-    start = done = restore_mesh_stage(state, opt, eps_phi, opt_phi)
-    bar = progress_bar(range(start, cfg.texture_steps), progress, desc="stage 3 texture", initial=start,
-                       total=cfg.texture_steps)
-    rng = rng_state()
-    try:
-        for step in bar:
+    eps_phi, opt_phi = make_eps_phi(prior, cfg, device) if cfg.method == "vsd" else (None, None)
+    with Run.texture(out, cfg, dmtet, tex, opt, eps_phi, opt_phi, state, progress) as run:
+        for step in run.steps:
             camera = sample_cameras(1, cfg, device)
             with torch.no_grad():
-                r = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
+                raster = render_mesh(vertices, faces, camera, cfg.resolution, cfg.resolution)
             bg = torch.rand(1, 3, device=device) if torch.rand(()) < cfg.random_background else torch.ones(1, 3, device=device)
-            image = texture_image(tex, r, bg)                                 # (1, 3, H, W)
+            image = texture_image(tex, raster, bg)                           # (1, 3, H, W)
             x0 = prior.encode(image)
             t = sample_t(1, *t_range(step, cfg, anneal_at(cfg)), device)
             g = distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)  # VSD, Eq. (9)
             loss = surrogate_loss(x0, g)
             opt.zero_grad()
             loss.backward()
-            with signals_held():                                             # the step lands whole
+            with run.update(step):                                           # the step lands whole
                 opt.step()
-                loss_phi = torch.zeros(())
-                if eps_phi is not None:
-                    loss_phi = eps_phi_loss(eps_phi, prior, x0.detach(), camera)
-                    opt_phi.zero_grad()
-                    loss_phi.backward()
-                    warm_up_lora(eps_phi, opt_phi, cfg, step)
-                    opt_phi.step()
-                done, rng = step + 1, rng_state()
-            check_finite(step, tex, eps_phi)
-            bar_info(bar, loss=f"{loss.item():.3g}", phi=f"{loss_phi.item():.3f}", t=int(t))
-            if out is not None and done % cfg.preview_every == 0:
-                save_image(image[0], os.path.join(out, "previews", f"texture_{done:06d}.png"))
-            if out is not None and (done % cfg.save_every == 0 or done == cfg.texture_steps):
-                save_mesh_checkpoint(out, 3, done, dmtet, tex, opt, eps_phi, opt_phi, rng)
-    except KeyboardInterrupt:
-        if out is not None:
-            with signals_held():
-                save_mesh_checkpoint(out, 3, done, dmtet, tex, opt, eps_phi, opt_phi, rng)
-        raise
+                loss_phi = eps_phi_step(eps_phi, opt_phi, x0, camera, step)  # Eq. (8)
+            run.show(loss=loss, phi=loss_phi, t=t, picture=image)
     return tex
 
 
-def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rng):
-    state = {"stage": stage, "step": step, "dmtet": dmtet.state_dict(), "opt": opt.state_dict(), "rng": rng,
-             "tex": None if tex is None else tex.state_dict(), **eps_phi_state(eps_phi, opt_phi)}
-    atomic_save(state, os.path.join(out, "mesh_checkpoint.pt"))
+def train_mesh(prior, cfg, nerf, out=None, progress=False):
+    """Stages 2-3 for one stage-1 particle (Sec. 4.1): a DMTet whose surface is the NeRF's density at
+    cfg.mesh_threshold -> geometry -> texture, which starts as the NeRF's colour. Resumes from
+    out/mesh_checkpoint.pt when there is one. Returns (dmtet, texture field)."""
+    device = prior.alphas_cumprod.device
+    with Run.deterministic(device):                                          # the same seed, the same mesh
+        try:
+            dmtet = DMTet(cfg.tet_resolution, density_fn=nerf.density, bound=nerf.bound,
+                          threshold=cfg.mesh_threshold, device=device)
+        except ValueError as e:                                              # no surface at that density
+            raise UserError(str(e)) from None
+        tex = TextureField(nerf).to(device)
+        state = Run.mesh_checkpoint(out, dmtet, tex)                         # None, or stage 2's or 3's
+        if state is None or state["stage"] == 2:
+            train_geometry(prior, cfg, dmtet, out, progress, state)
+            state = None
+        train_texture(prior, cfg, dmtet, tex, out, progress, state)
+    return dmtet, tex
 
 
-def restore_mesh_stage(state, opt, eps_phi=None, opt_phi=None):
-    """Continue a mesh stage from its checkpoint: optimiser, eps_phi and every RNG. Called once all is
-    built, so that building (eps_phi's random init) draws nothing after the RNG is restored. -> the step."""
-    if state is None:
-        return 0
-    with checkpoint_fits("mesh_checkpoint.pt"):
-        opt.load_state_dict(state["opt"])
-        load_eps_phi_state(state, eps_phi, opt_phi)
-        set_rng_state(state["rng"])
-        return int(state["step"])
+# -----------------------------------------------------------------------------
+# §11 Algorithm 1 with the identity render g(theta) = theta: points and images (Theorem 2, Fig. 3, App. G)
+
+
+def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr=3.0, progress=False):
+    """Algorithm 1 on n points in R^dim (the prior's encode must accept (n, dim)). Returns (n, dim).
+
+    Theorem 2: VSD's particles follow a Wasserstein gradient flow whose stationary distribution is the
+    prior itself, so on a Gaussian mixture they reproduce its modes, weights and spread; SDS is VSD with
+    a single point mass, so every particle runs to a mode of the t-averaged likelihood and the spread
+    collapses. Plain SGD on the particles, so the step is exactly -lr * g (a discretised flow), with a
+    cosine decay of lr so the Monte-Carlo noise in g averages out at the end. No time annealing: App. G
+    compares VSD and SDS without it."""
+    assert method in ("vsd", "sds"), method
+    torch.manual_seed(seed)
+    theta = torch.randn(n_particles, dim).requires_grad_(True)  # start from the diffusion's N(0, I)
+    opt = torch.optim.SGD([theta], lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    eps_phi, opt_phi = None, None
+    if method == "vsd":  # App. G: a small network from scratch; 4 noise draws per particle in Eq. (8)
+        eps_phi = SmallScore((n_particles, dim), prior.alphas_cumprod, repeats=4)
+        opt_phi = eps_phi.optimizer()
+    for step in progress_bar(range(steps), progress, desc=f"{method} points"):
+        x0 = prior.encode(theta)                                    # (n, d)
+        t = sample_t(n_particles, 0.02, 0.98, x0.device)
+        g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)
+        opt.zero_grad()
+        surrogate_loss(x0, g).backward()
+        opt.step()
+        decay.step()
+        eps_phi_step(eps_phi, opt_phi, theta, None, step)          # Eq. (8) on the moved particles
+    return theta.detach()
+
+
+def anneal_2d(cfg, steps):
+    """The 2D mode's annealing step: t ~ U(0.02, 0.98), then U(0.02, 0.50) after the first cfg.anneal_2d of
+    the steps. App. G anneals its LoRA runs (Fig. 16) without saying when; 0.2 is App. F's 5k of 25k."""
+    return int(cfg.anneal_2d * steps)
+
+
+def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, cfg=None, out=None,
+                   name="particles", resume=False, progress=False):
+    """Algorithm 1 with the identity render g(theta) = theta (Fig. 3, App. G) on n images in the space the
+    prior diffuses in: shape (C, h, w) is (4, 64, 64) for SD latents, (3, 32, 32) for the shapes model's
+    pixels, anything for a prior of your own. Returns (n, *shape).
+
+    Particles start from N(0, I); each step updates a random batch of up to cfg.batch_2d of them with Adam
+    (lr cfg.lr_2d), then takes one eps_phi step (Eq. 8) on them. eps_phi: the prior's own (the LoRA for Stable
+    Diffusion), else the small from-scratch network (App. G). cfg (default Config()) gives those settings.
+    out: a folder for previews, a checkpoint.pt every cfg.save_every steps, at the end and on Ctrl-C (which
+    then also writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
+    Under torchrun n_particles is this rank's share and eps_phi's gradients are averaged over the ranks."""
+    cfg = cfg or Config()
+    device = prior.alphas_cumprod.device
+    torch.manual_seed(seed)
+    eps_phi, opt_phi = make_eps_phi(prior, cfg, device, (1, *shape)) if method == "vsd" else (None, None)
+    torch.manual_seed(seed + 1000 * Run.rank())                              # this rank's own random stream
+    theta = torch.randn(n_particles, *shape, device=device).requires_grad_(True)  # (n, C, h, w)
+    opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
+    with Run.images(out, cfg, prior, name, method, steps, theta, opt, eps_phi, opt_phi, resume, progress) as run:
+        for step in run.steps:
+            idx = torch.randperm(n_particles, device=device)[:cfg.batch_2d]
+            x0 = theta[idx]                                                  # (b, C, h, w): g(theta) = theta
+            t = sample_t(len(idx), *t_range(step, cfg, anneal_2d(cfg, steps)), device)
+            g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)  # Eq. (9) or (3)
+            opt.zero_grad()
+            surrogate_loss(x0, g).backward()
+            with run.update(step):                                           # the step lands whole
+                opt.step()
+                loss_phi = eps_phi_step(eps_phi, opt_phi, theta[idx], None, step, Run.average)  # Eq. (8), moved
+            run.show(phi=loss_phi, t=t, g=g.norm())
+    return theta.detach()
+
+
+# =============================================================================
+# END OF THE METHOD
+#
+# Everything below runs it: run folders, checkpoints, pictures, many GPUs, export, the demo priors and their
+# measurements, the weights and the command line.
+# =============================================================================
+# PART II, RUNNING IT
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# §12 Run folders, the log and the progress bar
+
+
+def progress_bar(iterable, show, desc="", **kw):
+    if not show:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, **kw)
+
+
+def bar_info(bar, **info):
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(**info)
+
+
+def log(out, line):
+    if world()[0] != 0:  # under torchrun rank 0 keeps the log
+        return
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
+def announce(cfg, device, prior):
+    dtype = getattr(prior, "dtype", torch.float32)
+    print(f"device {device} ({dtype} frozen models, fp32 trainable); model {cfg.model}")
+    if cfg.model in RANDOM_MODELS:
+        print(f"--model {cfg.model}: a *random* Stable Diffusion for testing the code path; its pictures are noise")
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "run"
+
+
+def make_run_folder(out, name):
+    """The run folder: --out, or outputs/<name>-<time>/. Never reuses a folder that has files in it.
+    Under torchrun rank 0 makes it and tells the other ranks its name."""
+    return on_rank0(new_run_folder, out, name)
+
+
+def new_run_folder(out, name):
+    """Make the run folder and claim it by creating its config.json exclusively: two runs started at once
+    never share a folder. Without --out: outputs/<name>-<time>, or -2, -3, ... if that one is taken."""
+    stem = os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for k in itertools.count(1):
+        path = out or (stem if k == 1 else f"{stem}-{k}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if os.listdir(path):
+                raise FileExistsError
+            open(os.path.join(path, "config.json"), "x").close()
+            return path
+        except FileExistsError:
+            if out:
+                raise UserError(f"output folder {out} already has files; refusing to overwrite "
+                                f"(choose another --out)") from None
+        except OSError as e:
+            raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
+
+
+def forget_unstarted_run(out, made_by_default):
+    """A run that stopped before its first output (a model that would not load, Ctrl-C while loading)
+    leaves no config.json behind, so that the same --out can be used again."""
+    if world()[0] == 0 and os.path.isdir(out) and os.listdir(out) == ["config.json"]:
+        os.remove(os.path.join(out, "config.json"))
+        if made_by_default:
+            os.rmdir(out)
+
+
+# -----------------------------------------------------------------------------
+# §13 The bookkeeping seam: Run, checkpoints and resume, Ctrl-C and NaN guards
+
+
+class Run:
+    """The one seam between the method (Part I) and its bookkeeping. Each training loop reads
+
+        with Run.stage1(out, cfg, ...) as run:      # restored from its checkpoint when resuming
+            for step in run.steps:                  # a progress bar from the step it resumes at
+                ...the method...
+                with run.update(step):              # the step's optimiser steps land whole
+                    opt.step() ...
+                run.show(loss=loss, t=t)            # progress bar, log, previews, checkpoints
+
+    A Run owns the run folder and its log, the progress bar, the done steps with the random state that
+    continues them, the NaN check, the periodic outputs, the final checkpoint, the Ctrl-C save and the rank
+    queries. Without a run folder (out=None) it writes nothing. A context manager, not a generator: a
+    generator never sees the KeyboardInterrupt raised in the loop's body. One constructor per loop
+    (stage1, geometry, texture, images) says what its checkpoint holds and what its previews show."""
+
+    def __init__(self, out, cfg, desc, total, start, progress, watch, save, preview, finish=None, logs=True,
+                 collective=False, interrupt_save=None):
+        self.out, self.cfg, self.desc, self.total, self.start = out, cfg, desc, total, start
+        self.done, self.rng = start, rng_state()  # the steps in the parameters, and the random state that continues them
+        self.watch = [p for w in watch if w is not None
+                      for p in ([w] if torch.is_tensor(w) else [p for p in w.parameters() if p.requires_grad])]
+        self.save, self.preview, self.finish, self.logs = save, preview, finish, logs
+        # Under torchrun the ranks stop at different points on Ctrl-C and cannot meet to gather a checkpoint of
+        # all of them (collective): the last periodic one is kept. Mesh stages save each rank's own files.
+        self.save_on_interrupt = not collective or world()[1] == 1
+        self.interrupt_save, self.hint = interrupt_save or save, collective
+        self.steps = progress_bar(range(start, total), progress and world()[0] == 0, desc=desc, initial=start, total=total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if self.out is None:
+            return False
+        if kind is None:
+            if self.start < self.total:  # finished here: a --resume knows it is done
+                self.save(self.total, self.rng)
+            if self.finish is not None:
+                self.finish()
+        elif issubclass(kind, KeyboardInterrupt) and self.save_on_interrupt:
+            with signals_held():  # save the done steps, then stop (a second Ctrl-C waits for the save)
+                self.interrupt_save(self.done, self.rng)
+            if self.hint:
+                print(f"\ninterrupted at step {self.done}; resume with: python prolific.py --resume {self.out}",
+                      file=sys.stderr)
+        return False
+
+    @contextlib.contextmanager
+    def update(self, step):
+        """Context around a step's optimiser steps: Ctrl-C and SIGTERM wait until they are done, so that a
+        checkpoint holds exactly the steps it names and a resume never applies one twice. Then the step is
+        done, with the random state that continues it, and its parameters must be finite."""
+        with signals_held():
+            yield
+            self.done, self.rng = step + 1, rng_state()
+        check_finite(step, self.watch)
+
+    def show(self, picture=None, **info):
+        """After a step: its numbers on the progress bar, and in the run folder a log line every 50 steps (and
+        at the last), a preview every cfg.preview_every steps (of `picture`, where the loop has one) and a
+        checkpoint every cfg.save_every steps."""
+        done, numbers = self.done, lambda: {k: number(v) for k, v in info.items()}
+        if hasattr(self.steps, "set_postfix"):
+            self.steps.set_postfix(**numbers())
+        if self.out is None:
+            return
+        if self.logs and (done % 50 == 0 or done == self.total):
+            log(self.out, f"{self.desc} step {done} " + " ".join(f"{k} {v}" for k, v in numbers().items()))
+        if done % self.cfg.preview_every == 0:
+            self.preview(done, picture)
+        if done % self.cfg.save_every == 0 and done < self.total:
+            self.save(done, self.rng)
+
+    @classmethod
+    def stage1(cls, out, cfg, particles, optims, eps_phi, opt_phi, resume, progress):
+        """Stage 1: checkpoint.pt holds every rank's particles; previews show them; turntables at the end. Under
+        torchrun eps_phi starts from rank 0's weights on every rank."""
+        start = load_checkpoint(out, particles, optims, eps_phi, opt_phi) if resume else 0
+        broadcast_params(eps_phi)
+
+        def finish():  # (a resumed run finishes the turntables an interruption left half done)
+            for k, f in zip(my_particles(cfg), particles):                   # each rank renders its own
+                write_turntable(f, cfg, os.path.join(out, f"particle{k}"))
+        return cls(out, cfg, "stage 1", cfg.steps, start, progress, [eps_phi, *particles],
+                   lambda step, rng: save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng),
+                   lambda step, _: save_preview(particles, cfg, os.path.join(out, "previews", f"step_{step:06d}.png")),
+                   finish, collective=True)
+
+    @classmethod
+    def geometry(cls, out, cfg, dmtet, opt, state, progress):
+        """Stage 2 of one particle: mesh_checkpoint.pt in its folder; previews are the normal maps SD sees."""
+        return cls(out, cfg, "stage 2 geometry", cfg.geometry_steps, restore_mesh_stage(state, opt), progress, [dmtet],
+                   lambda step, rng: save_mesh_checkpoint(out, 2, step, dmtet, None, opt, None, None, rng),
+                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"geometry_{step:06d}.png")),
+                   logs=False)
+
+    @classmethod
+    def texture(cls, out, cfg, dmtet, tex, opt, eps_phi, opt_phi, state, progress):
+        """Stage 3 of one particle: the same mesh_checkpoint.pt; previews are the textured renders."""
+        return cls(out, cfg, "stage 3 texture", cfg.texture_steps, restore_mesh_stage(state, opt, eps_phi, opt_phi),
+                   progress, [tex, eps_phi],
+                   lambda step, rng: save_mesh_checkpoint(out, 3, step, dmtet, tex, opt, eps_phi, opt_phi, rng),
+                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"texture_{step:06d}.png")),
+                   logs=False)
+
+    @classmethod
+    def images(cls, out, cfg, prior, name, method, steps, theta, opt, eps_phi, opt_phi, resume, progress):
+        """The 2D mode: checkpoint.pt holds every rank's particles; previews are grids of up to 16 of them; on
+        Ctrl-C the particles so far are written too ({name}.png/.pt). Under torchrun eps_phi starts from rank 0's
+        weights on every rank."""
+        start = load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi) if resume else 0
+        broadcast_params(eps_phi)
+        save = lambda step, rng: save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi, rng)
+
+        def preview(step, _):
+            pictures = gather_cat(theta.detach()[:16])[:16]
+            if world()[0] == 0:
+                stem = "preview" if name == "particles" else f"{name}_preview"
+                save_grid(decode(prior, pictures), os.path.join(out, f"{stem}_{step:06d}.png"))
+
+        def save_with_particles(step, rng):
+            save(step, rng)
+            save_particles(prior, theta.detach(), out, name)
+        return cls(out, cfg, f"2D {method}", steps, start, progress, [theta, eps_phi], save, preview,
+                   collective=True, interrupt_save=save_with_particles)
+
+    # The rest of the seam: what Part I asks of the processes, of a mesh checkpoint and of the CPU.
+
+    @staticmethod
+    def rank():
+        """This process's rank under torchrun; 0 in a plain run."""
+        return world()[0]
+
+    @staticmethod
+    def my_particles(cfg):
+        """The global indices of this process's particles."""
+        return my_particles(cfg)
+
+    @staticmethod
+    def average(eps_phi):
+        """eps_phi's gradients become their mean over the ranks (all_reduce_grads)."""
+        all_reduce_grads(eps_phi)
+
+    @staticmethod
+    def mesh_checkpoint(out, dmtet, tex):
+        """The mesh stages' checkpoint in out, its DMTet and texture field loaded into dmtet and tex; None
+        without one."""
+        path = None if out is None else os.path.join(out, "mesh_checkpoint.pt")
+        if path is None or not os.path.exists(path):
+            return None
+        state = read_checkpoint(path)
+        with checkpoint_fits(path):
+            dmtet.load_state_dict(state["dmtet"])
+            if state["tex"] is not None:
+                tex.load_state_dict(state["tex"])
+            state["stage"] = int(state["stage"])
+        return state
+
+    @staticmethod
+    def deterministic(device):
+        """Context: torch's deterministic kernels on the CPU, so that one seed gives one mesh (deterministic)."""
+        return deterministic(device)
+
+
+def number(x):
+    """A number for the progress bar and the log: 4 significant digits of a tensor's mean, or x itself."""
+    return f"{x.float().mean().item():.4g}" if torch.is_tensor(x) else x
+
+
+class TrainingStopped(Exception):
+    """A run that cannot continue (its parameters became NaN or inf): message printed, exit 1. The last
+    checkpoint on disk was saved before, from finite parameters."""
+
+
+def check_finite(step, params):
+    """Stop as soon as a trainable parameter is NaN or inf, before anything saves it. (g itself is cleaned
+    in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)"""
+    # A NaN or inf anywhere makes the sum NaN or inf (inf - inf is NaN): one reduction a tensor, one device
+    # sync, 5x cheaper than isfinite().all() on the CPU (no 12M-element bool temporary).
+    if params and not torch.stack([p.detach().sum() for p in params]).sum().isfinite():
+        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; the last checkpoint (saved "
+                              f"before, finite) is kept")
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Context: Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then act as usual. Around a
+    step's optimiser steps: its updates land whole or not at all, so a checkpoint holds exactly the steps
+    it names, and a resume never applies one twice."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread gets signals)
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = [signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held]
+    try:
+        yield
+    finally:
+        for s, handler in zip(held, old):
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 @contextlib.contextmanager
@@ -1865,42 +1736,402 @@ def deterministic(device):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
-def train_mesh(prior, cfg, nerf, out=None, progress=False):
-    """Stages 2-3 for one stage-1 particle: DMTet from the NeRF density -> geometry -> texture.
-    Resumes from out/mesh_checkpoint.pt when there is one. Returns (dmtet, texture field)."""
-    device = prior.alphas_cumprod.device
-    with deterministic(device):
-        try:
-            dmtet = DMTet(cfg.tet_resolution, density_fn=nerf.density, bound=nerf.bound,
-                          threshold=cfg.mesh_threshold, device=device)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        tex = TextureField(nerf).to(device)
-        path = None if out is None else os.path.join(out, "mesh_checkpoint.pt")
-        state = read_checkpoint(path) if path and os.path.exists(path) else None
-        if state is not None:
-            with checkpoint_fits(path):
-                dmtet.load_state_dict(state["dmtet"])
-                if state["tex"] is not None:
-                    tex.load_state_dict(state["tex"])
-                stage = state["stage"]
-        if state is None or stage == 2:
-            train_geometry(prior, cfg, dmtet, out, progress, state)
-            state = None
-        train_texture(prior, cfg, dmtet, tex, out, progress, state)
-    return dmtet, tex
+def rng_state():
+    """This process's generators: the CPU's and its own GPU's (not every GPU's: under torchrun that would
+    open a CUDA context on each GPU from each rank)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
-def use_guidance(prior, scale):
-    """Stage 2 distils at CFG 100 (SDS), stage 3 at 7.5 (VSD): set it on priors that have one."""
-    if hasattr(prior, "guidance"):
-        prior.guidance = scale
+def set_rng_state(rng):
+    """Restore rng_state()'s generators from a checkpoint read to the CPU (set_rng_state takes CPU tensors)."""
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng):
+    """Everything needed to continue exactly: particles, optimisers, eps_phi's trainable weights (LoRA and
+    camera MLP, not the frozen UNet), RNG states. Written to a temp file, then renamed (atomic)."""
+    # Under torchrun rank 0 gathers every rank's particles, optimisers and RNG states, in rank order
+    # (particles 0..P-1), and alone writes the file; eps_phi and its optimiser are the same on all ranks.
+    state = {"step": step, "world_size": world()[1], "particles": gather_lists([f.state_dict() for f in particles]),
+             "optims": gather_lists([o.state_dict() for o in optims]), "rng": gather_lists([rng])}
+    if world()[0] != 0:
+        return
+    atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
+
+
+def load_checkpoint(out, particles, optims, eps_phi, opt_phi):
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"{out} has no checkpoint.pt to resume from")
+    state = read_checkpoint(path)
+    rank = world()[0]
+    with checkpoint_fits(path):
+        check_world_size(state, out)
+        mine = slice(rank * len(particles), (rank + 1) * len(particles))  # this rank's particles
+        for f, s in zip(particles, state["particles"][mine], strict=True):
+            f.load_state_dict(s)
+        for o, s in zip(optims, state["optims"][mine], strict=True):
+            o.load_state_dict(s)
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"][rank])
+        return int(state["step"])
+
+
+def save_mesh_checkpoint(out, stage, step, dmtet, tex, opt, eps_phi, opt_phi, rng):
+    state = {"stage": stage, "step": step, "dmtet": dmtet.state_dict(), "opt": opt.state_dict(), "rng": rng,
+             "tex": None if tex is None else tex.state_dict(), **eps_phi_state(eps_phi, opt_phi)}
+    atomic_save(state, os.path.join(out, "mesh_checkpoint.pt"))
+
+
+def restore_mesh_stage(state, opt, eps_phi=None, opt_phi=None):
+    """Continue a mesh stage from its checkpoint: optimiser, eps_phi and every RNG. Called once all is
+    built, so that building (eps_phi's random init) draws nothing after the RNG is restored. -> the step."""
+    if state is None:
+        return 0
+    with checkpoint_fits("mesh_checkpoint.pt"):
+        opt.load_state_dict(state["opt"])
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+
+def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi, rng):
+    """A 2D run before `step`: every rank's particles, Adam state and RNG states (rng: this rank's, as
+    rng_state() gave it after the step; all gathered on rank 0), and eps_phi's trainable weights and
+    optimiser. Atomic."""
+    state = {"method": method, "step": step, "world_size": world()[1], "theta": gather_lists([theta.detach()]),
+             "opt": gather_lists([opt.state_dict()]), "rng": gather_lists([rng])}
+    if world()[0] == 0:
+        atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
+
+
+def load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi):
+    """Restore this rank's part of a 2D checkpoint of `method`; returns the step to continue from (0 if
+    the checkpoint belongs to another method: --method compare starts that one afresh)."""
+    path = os.path.join(out, "checkpoint.pt")
+    state = read_checkpoint(path)
+    rank = world()[0]
+    with checkpoint_fits(path):
+        check_world_size(state, out)
+        if state["method"] != method:
+            return 0
+        theta.data.copy_(state["theta"][rank])
+        opt.load_state_dict(state["opt"][rank])
+        load_eps_phi_state(state, eps_phi, opt_phi)
+        set_rng_state(state["rng"][rank])
+        return int(state["step"])
+
+
+def eps_phi_state(eps_phi, opt_phi):
+    """eps_phi's trainable weights only (LoRA and camera MLP, not the frozen UNet) and its optimiser."""
+    if eps_phi is None:
+        return {}
+    return {"eps_phi": {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad},
+            "opt_phi": opt_phi.state_dict()}
+
+
+def load_eps_phi_state(state, eps_phi, opt_phi):
+    if eps_phi is not None:
+        eps_phi.load_state_dict(state["eps_phi"], strict=False)
+        opt_phi.load_state_dict(state["opt_phi"])
+
+
+def read_checkpoint(path):
+    """A checkpoint as tensors, numbers, strings, lists and dicts on the CPU. weights_only=True: a file
+    someone hands over cannot run code here (a pickle may carry any). Unreadable files are one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this program can read ({type(e).__name__}): damaged, or it "
+                        f"holds objects other than tensors, numbers, strings and dicts; refusing to load it") from None
+
+
+@contextlib.contextmanager
+def checkpoint_fits(path):
+    """Context: a checkpoint whose keys or shapes do not fit the model being restored is one line."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} does not fit this run's settings ({type(e).__name__}: {detail})") from None
+
+
+def check_world_size(state, out):
+    """Each rank's particles and random stream belong to one split: resume with the same number of processes."""
+    n = world()[1]
+    if state["world_size"] != n:
+        raise UserError(f"{out} was trained by {state['world_size']} process(es); resume it with the same "
+                        f"number (torchrun --nproc_per_node {state['world_size']}), not {n}")
+
+
+def atomic_write(path, write):
+    """write(tmp), then rename tmp -> path: a crash mid-write never leaves a broken file. A write that fails
+    (disk full, an interrupt) removes its temp file, keeps the previous file, and an OSError is one line."""
+    path = os.fspath(path)
+    tmp = path + ".tmp" + os.path.splitext(path)[1]  # the same extension: pillow picks the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path}: {e.strerror or e}; the files written before are kept") from None
+        raise
+
+
+def atomic_save(state, path):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # (torch.save to a file object raises OSError, not RuntimeError, on a full disk)
+            torch.save(state, f)
+    atomic_write(path, write)
+
+
+def write_json_atomic(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
-# 10. Export: a textured mesh as OBJ (+MTL +PNG) and binary glTF (.glb)
+# §14 Pictures: previews, turntables, grids
+
+
+@torch.no_grad()
+def save_preview(particles, cfg, path):
+    """Each particle seen from the front at up to 128 px: colour above depth. Each rank renders its own
+    particles; rank 0 writes all of them side by side."""
+    size = min(cfg.resolution, 128)
+    device = next(particles[0].parameters()).device
+    cam = turntable_cameras(1, cfg, device)
+    with own_rng(device, cfg.seed):
+        rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
+                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance,
+                                           occupancy=f.occupancy) for f in particles)]
+    image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
+    if world()[0] == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_image(image, path)
+
+
+def depth_image(depth, opacity, cfg):
+    """(1, H, W) depth and opacity -> (3, H, W) grey in [0,1]: near is bright; pixels less than half
+    opaque are black (the composited depth is sum w_i z_i, so divide by the opacity sum w_i)."""
+    lo, hi = camera_distance(cfg)
+    span = lo + hi  # a generous range: depths run from ~0 to the far side of the box
+    solid = opacity > 0.5
+    depth = depth / opacity.clamp(min=1e-6)
+    return ((span - depth) / span * solid).clamp(0, 1).expand(3, -1, -1)
+
+
+@contextlib.contextmanager
+def own_rng(device, seed):
+    """Context: random draws (the renderer's jittered samples) from a seeded stream of their own. Previews
+    and turntables leave training's stream alone, and a frame drawn again is the same picture."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def write_turntable(field, cfg, folder, frames=36, size=None):
+    """Colour | depth frames around the object, as PNGs and an animated WebP (GIF where pillow lacks WebP).
+    Frames already on disk are kept: a run interrupted here finishes the rest on --resume."""
+    stem = os.path.join(folder, "turntable")
+    if os.path.exists(animation_path(stem)):
+        return
+    size = size or min(cfg.resolution, 256)
+    os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
+    device = next(field.parameters()).device
+    cams = turntable_cameras(frames, cfg, device)
+    paths = [os.path.join(folder, "frames", f"frame_{k:03d}.png") for k in range(frames)]
+    for k, path in enumerate(paths):
+        if not os.path.exists(path):
+            with own_rng(device, cfg.seed + k):
+                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance,
+                           occupancy=field.occupancy)
+            save_image(torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2), path)
+    save_animation([Image.open(p).convert("RGB") for p in paths], stem)
+
+
+def animation_path(stem):
+    from PIL import features
+    return stem + (".webp" if features.check("webp") else ".gif")
+
+
+def save_animation(images, stem):
+    path = animation_path(stem)
+    atomic_write(path, lambda tmp: images[0].save(tmp, save_all=True, append_images=images[1:], duration=80, loop=0))
+    return path
+
+
+def decode(prior, x):
+    """Particles -> pictures (B, 3, H, W) in [0, 1]: the prior's decoder (SD's VAE, the shapes model's
+    [-1, 1] -> [0, 1]), or, for a prior without one, the particles themselves."""
+    return prior.decode(x) if hasattr(prior, "decode") else x.clamp(0, 1)
+
+
+def save_particles(prior, theta, out, name="particles"):
+    """{name}.png (decoded, as a grid) and {name}.pt (the particles), on rank 0."""
+    if world()[0] == 0:
+        pictures = decode(prior, theta)
+        if pictures.shape[1] == 3:  # (a prior of other particles, e.g. points, has no picture)
+            save_grid(pictures, os.path.join(out, f"{name}.png"))
+        atomic_save(theta.cpu(), os.path.join(out, f"{name}.pt"))
+
+
+def save_grid(images, path):
+    """(B, 3, H, W) in [0,1] -> one PNG grid, as square as possible."""
+    save_image(grid_image(images), path)
+
+
+def grid_image(images):
+    b, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = torch.ones(3, rows * h, cols * w)
+    for i, im in enumerate(images.float().cpu()):
+        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    return grid                                                              # (3, rows h, cols w)
+
+
+def save_image(image, path):
+    """(3, H, W) in [0,1] -> PNG, written to a temp file and renamed so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, to_pil(image.detach()).save)
+
+
+def to_pil(image):  # (3, H, W) in [0,1] -> PIL image
+    arr = (image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+# -----------------------------------------------------------------------------
+# §15 Many GPUs: the particles split over the processes that torchrun starts (torch.distributed)
 #
-# Export a textured triangle mesh as OBJ (+MTL +PNG) or as a binary glTF (.glb).
+# `torchrun --nproc_per_node N prolific.py ...` runs N copies of this program. Rank r owns particles
+# r P/N .. (r+1) P/N - 1. eps_phi is replicated: it starts from rank 0's weights and its gradients are
+# averaged over the ranks before every step, so all ranks train one eps_phi on all P particles, as in
+# Algorithm 1 with n = P. Every rank builds eps_phi right after torch.manual_seed(seed), then reseeds with
+# seed + 1000 r: its particles and random draws (cameras, t, noise) are its own, and rank 0's are those of
+# a plain run. Rank 0 writes the log, config, previews and checkpoints; each rank writes its own
+# particles' turntables. A plain `python prolific.py` has no process group and all of this does nothing.
+
+
+def world():
+    """(rank, number of processes): torchrun's RANK and WORLD_SIZE; (0, 1) for a plain run."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed():
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU). Returns the device this rank computes
+    on: cuda:LOCAL_RANK, or the CPU. Without torchrun's environment: no process group."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def check_split(args, cfg):
+    """Before joining the process group: the particles must split evenly over the processes."""
+    n = world()[1]
+    if n > 1 and args.toy:
+        raise UserError("--toy runs in one process: start it with python, not torchrun")
+    if not args.resume and cfg.particles % n:  # a resumed run was split when it started
+        raise UserError(f"--particles {cfg.particles} does not split over {n} processes; use a multiple of {n}")
+
+
+def my_particles(cfg):
+    """The global indices of this rank's particles."""
+    rank, n = world()
+    k = cfg.particles // n
+    return range(rank * k, (rank + 1) * k)
+
+
+def broadcast_params(module):
+    """Rank 0's trainable weights on every rank (eps_phi's frozen UNet is the same file everywhere); None: none."""
+    if module is not None and world()[1] > 1:
+        for p in module.trainable():
+            dist.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(module):
+    """Average the trainable gradients over the ranks, all in one flat all-reduce: every rank then takes
+    the same optimiser step on the mean of the ranks' Eq. (8) losses."""
+    n = world()[1]
+    if n == 1:
+        return
+    params = module.trainable()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, (flat / n).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def gather_cat(x, dim=0):
+    """x from every rank (the same shape everywhere), concatenated in rank order along dim."""
+    n = world()[1]
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def gather_lists(items):
+    """Every rank's list, joined in rank order, on rank 0 (None on the others). Tensors go to the CPU
+    first, so that rank 0 never unpickles a tensor onto another rank's GPU."""
+    rank, n = world()
+    items = to_cpu(items)
+    if n == 1:
+        return items
+    parts = [None] * n if rank == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return None if parts is None else [x for part in parts for x in part]
+
+
+def to_cpu(obj):
+    """A copy of a nest of dicts, lists and tensors (a state_dict) with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 alone; every rank returns its result, or raises its UserError."""
+    rank, n = world()
+    result = [None]
+    if rank == 0:
+        try:
+            result = [fn(*args)]
+        except UserError as e:
+            result = [e]
+    if n > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+# -----------------------------------------------------------------------------
+# §16 Export: a textured mesh as OBJ (+MTL +PNG) and binary glTF (.glb)
+#
+# Pipeline:  uv = uv_atlas(F, S)  ->  image = bake_texture(..., uv, color_fn, S)
+#            ->  write_obj(folder, ...)  and/or  write_glb(path, ...)
+#
 #
 # Pipeline:  uv = uv_atlas(F, S)  ->  image = bake_texture(..., uv, color_fn, S)
 #            ->  write_obj(folder, ...)  and/or  write_glb(path, ...)
@@ -1941,8 +2172,9 @@ def use_guidance(prior, scale):
 # of a triangle lie in its cell and on its side of the diagonal s + t = cell,
 # i.e. texels that bake_texture fills from that same triangle. (Mipmaps would
 # average wider footprints; the GLB sampler turns them off.)
-
 MARGIN = 1.0  # texels; see above
+
+
 _CHUNK = 65536  # surface points per color_fn call (bounds memory)
 
 
@@ -1973,8 +2205,6 @@ def uv_atlas(faces_count, texture_size):
 
 
 # ---------------------------------------------------------------------- bake
-
-
 def _barycentric(p, tri):
     """Barycentric weights (N, 3) of 2D points p (N, 2) in triangles tri (N, 3, 2)."""
     a, b, c = tri.unbind(1)
@@ -2021,8 +2251,6 @@ def bake_texture(vertices, faces, uv, color_fn, texture_size=1024):
 
 
 # ------------------------------------------------------------ shared helpers
-
-
 def _np(x, dtype):
     """Tensor or array -> numpy array of dtype."""
     if torch.is_tensor(x):
@@ -2055,7 +2283,6 @@ def _png_bytes(texture_image):
 
 
 # ----------------------------------------------------------------------- OBJ
-
 _MTL = """\
 # Colour comes only from the texture: white diffuse, no specular,
 # not metallic (Ka / Pm), fully rough (Ns / Pr).
@@ -2075,7 +2302,7 @@ map_Kd texture.png
 def write_obj(path_prefix_dir, vertices, faces, uv, texture_image, name="mesh"):
     """Write {name}.obj, {name}.mtl and texture.png into folder path_prefix_dir.
 
-    Y-up (see module docstring), 1-based indices, one 'vt' per face corner
+    Y-up (the conventions at the top of §16), 1-based indices, one 'vt' per face corner
     (the corner-th 'vt' of face i is number 3i + corner + 1), one 'vn' per vertex.
     """
     folder = Path(path_prefix_dir)
@@ -2099,7 +2326,11 @@ def write_obj(path_prefix_dir, vertices, faces, uv, texture_image, name="mesh"):
 # ----------------------------------------------------------------------- GLB
 # glTF 2.0 constants
 _FLOAT, _UINT32 = 5126, 5125
+
+
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+
+
 _LINEAR, _CLAMP_TO_EDGE = 9729, 33071
 
 
@@ -2180,43 +2411,39 @@ def write_glb(path, vertices, faces, uv, texture_image):
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+@torch.no_grad()
+def export_mesh(dmtet, tex, cfg, folder):
+    """mesh.obj + mesh.mtl + texture.png, mesh.glb, and turntables of the normal map and textured mesh."""
+    vertices, faces = dmtet()
+    size = texture_size_for(len(faces), cfg.texture_size)
+    uv = uv_atlas(len(faces), size)
+    image = bake_texture(vertices, faces, uv.to(vertices.device), tex, size)
+    write_obj(folder, vertices, faces, uv, image)
+    res = min(cfg.resolution, 256)
+    cams = turntable_cameras(36, cfg, vertices.device)
+    white = torch.ones(1, 3, device=vertices.device)
+    normals, colours = [], []
+    for k in range(len(cams)):
+        r = render_mesh(vertices, faces, cams[k], res, res, smooth_normals=True)
+        normals.append(to_pil(normal_image(r, white)[0]))
+        colours.append(to_pil(texture_image(tex, r, white)[0]))
+    save_animation(normals, os.path.join(folder, "normal_turntable"))
+    save_animation(colours, os.path.join(folder, "mesh_turntable"))
+    write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)  # last: it marks the particle done
+
+
+def texture_size_for(n_faces, minimum):
+    """The smallest power of two >= minimum whose atlas cells are big enough for n_faces triangles."""
+    size = minimum
+    while math.ceil(math.sqrt(math.ceil(n_faces / 2))) * (4 * MARGIN + 2) > size:
+        size *= 2
+    return size
+
+
 # -----------------------------------------------------------------------------
-# 11. Points and 2D: Algorithm 1 with the identity render g(theta) = theta
-
-
-def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr=3.0, progress=False):
-    """Algorithm 1 on n points in R^dim (the prior's encode must accept (n, dim)). Returns (n, dim).
-
-    Theorem 2: VSD's particles follow a Wasserstein gradient flow whose stationary distribution is the
-    prior itself, so on a Gaussian mixture they reproduce its modes, weights and spread; SDS is VSD with
-    a single point mass, so every particle runs to a mode of the t-averaged likelihood and the spread
-    collapses. Plain SGD on the particles, so the step is exactly -lr * g (a discretised flow), with a
-    cosine decay of lr so the Monte-Carlo noise in g averages out at the end. No time annealing: App. G
-    compares VSD and SDS without it."""
-    assert method in ("vsd", "sds"), method
-    torch.manual_seed(seed)
-    theta = torch.randn(n_particles, dim).requires_grad_(True)  # start from the diffusion's N(0, I)
-    opt = torch.optim.SGD([theta], lr=lr)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    eps_phi, opt_phi = None, None
-    if method == "vsd":  # App. G: a small network from scratch, one step per particle step
-        eps_phi = SmallScore((n_particles, dim))
-        opt_phi = torch.optim.Adam(eps_phi.parameters(), lr=1e-3)
-    ac = prior.alphas_cumprod
-    for step in progress_bar(range(steps), progress, desc=f"{method} points"):
-        x0 = prior.encode(theta)                                    # (n, d)
-        t = sample_t(n_particles, 0.02, 0.98, x0.device)
-        g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)
-        opt.zero_grad()
-        surrogate_loss(x0, g).backward()
-        opt.step()
-        decay.step()
-        if eps_phi is not None:  # Eq. (8) on the updated particles, 4 noise draws each
-            loss_phi = eps_phi.loss(theta, None, ac, repeats=4)
-            opt_phi.zero_grad()
-            loss_phi.backward()
-            opt_phi.step()
-    return theta.detach()
+# §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes model
+#
+# --- The toy: Theorem 2 on a Gaussian mixture (--toy) ---
 
 
 def mode_stats(means, x):
@@ -2279,108 +2506,7 @@ def save_scatter(panels, path, means, size=320, lim=3.0):
     img.save(path)
 
 
-def anneal_2d(cfg, steps):
-    """The 2D mode's annealing step: t ~ U(0.02, 0.98), then U(0.02, 0.50) after the first cfg.anneal_2d of
-    the steps. App. G anneals its LoRA runs (Fig. 16) without saying when; 0.2 is App. F's 5k of 25k."""
-    return int(cfg.anneal_2d * steps)
-
-
-def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, cfg=None, out=None,
-                   name="particles", resume=False, progress=False):
-    """Algorithm 1 with the identity render g(theta) = theta (Fig. 3, App. G) on n images in the space the
-    prior diffuses in: shape (C, h, w) is (4, 64, 64) for SD latents, (3, 32, 32) for the shapes model's
-    pixels, anything for a prior of your own. Returns (n, *shape).
-
-    Particles start from N(0, I); each step updates a random batch of up to cfg.batch_2d of them with Adam
-    (lr cfg.lr_2d), then takes one eps_phi step (Eq. 8) on them. eps_phi: a LoRA for Stable Diffusion, the
-    small from-scratch network for other priors (App. G). cfg (default Config()) gives those settings.
-    out: a folder for previews, a checkpoint.pt every cfg.save_every steps, at the end and on Ctrl-C (which
-    then also writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
-    Under torchrun n_particles is this rank's share and eps_phi's gradients are averaged over the ranks."""
-    cfg = cfg or Config()
-    device, rank = prior.alphas_cumprod.device, world()[0]
-    torch.manual_seed(seed)
-    eps_phi, opt_phi = make_eps_phi(prior, cfg, device, (1, *shape)) if method == "vsd" else (None, None)
-    if eps_phi is not None:
-        broadcast_params(eps_phi)                                            # one eps_phi on all ranks
-    torch.manual_seed(seed + 1000 * rank)                                    # this rank's own random stream
-    theta = torch.randn(n_particles, *shape, device=device).requires_grad_(True)  # (n, C, h, w)
-    opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
-    start = load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi) if resume else 0  # built, then restored
-    bar = progress_bar(range(start, steps), progress and rank == 0, desc=f"2D {method}", initial=start, total=steps)
-    done, rng = start, rng_state()  # the steps in theta and eps_phi, and the random state that continues them
-    try:
-        for step in bar:
-            idx = torch.randperm(n_particles, device=device)[:cfg.batch_2d]
-            x0 = theta[idx]                                                  # (b, C, h, w): g(theta) = theta
-            t = sample_t(len(idx), *t_range(step, cfg, anneal_2d(cfg, steps)), device)
-            g = distillation_grad(prior, x0, t, torch.randn_like(x0), None, eps_phi)  # Eq. (9) or (3)
-            opt.zero_grad()
-            surrogate_loss(x0, g).backward()
-            with signals_held():                                             # the step lands whole
-                opt.step()
-                loss_phi = torch.zeros(())
-                if eps_phi is not None:                                      # Eq. (8) on the updated particles
-                    loss_phi = eps_phi_loss(eps_phi, prior, theta[idx].detach(), None)
-                    opt_phi.zero_grad()
-                    loss_phi.backward()
-                    all_reduce_grads(eps_phi)                                # mean over the ranks
-                    opt_phi.step()
-                done, rng = step + 1, rng_state()
-            bar_info(bar, loss_phi=f"{loss_phi.item():.4f}", t=int(t.float().mean()), grad=f"{g.norm().item():.3f}")
-            if out is not None and done % cfg.preview_every == 0:
-                preview = gather_cat(theta.detach()[:16])[:16]
-                if rank == 0:
-                    stem = "preview" if name == "particles" else f"{name}_preview"
-                    save_grid(decode(prior, preview), os.path.join(out, f"{stem}_{done:06d}.png"))
-                log(out, f"{method} step {done} loss_phi {loss_phi.item():.5f} t {int(t.float().mean())}")
-            if out is not None and done % cfg.save_every == 0 and done < steps:
-                save_2d_checkpoint(out, method, done, theta, opt, eps_phi, opt_phi, rng)
-    except KeyboardInterrupt:
-        # save the `done` steps and the particles, then stop. Under torchrun the ranks stop at different
-        # points and cannot meet to gather a checkpoint: the last periodic one is kept.
-        if out is not None and world()[1] == 1:
-            with signals_held():
-                save_2d_checkpoint(out, method, done, theta, opt, eps_phi, opt_phi, rng)
-                save_particles(prior, theta.detach(), out, name)
-            print(f"\ninterrupted at step {done}; resume with: python prolific.py --resume {out}", file=sys.stderr)
-        raise
-    if out is not None and start < steps:  # finished: --resume (of --method compare) knows it is done
-        save_2d_checkpoint(out, method, steps, theta, opt, eps_phi, opt_phi, rng)
-    return theta.detach()
-
-
-def save_2d_checkpoint(out, method, step, theta, opt, eps_phi, opt_phi, rng):
-    """A 2D run before `step`: every rank's particles, Adam state and RNG states (rng: this rank's, as
-    rng_state() gave it after the step; all gathered on rank 0), and eps_phi's trainable weights and
-    optimiser. Atomic."""
-    state = {"method": method, "step": step, "world_size": world()[1], "theta": gather_lists([theta.detach()]),
-             "opt": gather_lists([opt.state_dict()]), "rng": gather_lists([rng])}
-    if world()[0] == 0:
-        atomic_save({**state, **eps_phi_state(eps_phi, opt_phi)}, os.path.join(out, "checkpoint.pt"))
-
-
-def load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi):
-    """Restore this rank's part of a 2D checkpoint of `method`; returns the step to continue from (0 if
-    the checkpoint belongs to another method: --method compare starts that one afresh)."""
-    path = os.path.join(out, "checkpoint.pt")
-    state = read_checkpoint(path)
-    rank = world()[0]
-    with checkpoint_fits(path):
-        check_world_size(state, out)
-        if state["method"] != method:
-            return 0
-        theta.data.copy_(state["theta"][rank])
-        opt.load_state_dict(state["opt"][rank])
-        load_eps_phi_state(state, eps_phi, opt_phi)
-        set_rng_state(state["rng"][rank])
-        return int(state["step"])
-
-
-def decode(prior, x):
-    """Particles -> pictures (B, 3, H, W) in [0, 1]: the prior's decoder (SD's VAE, the shapes model's
-    [-1, 1] -> [0, 1]), or, for a prior without one, the particles themselves."""
-    return prior.decode(x) if hasattr(prior, "decode") else x.clamp(0, 1)
+# --- Fig. 3: VSD, SDS and ancestral sampling of one prior and prompt (--2d) ---
 
 
 def two_d_prior(cfg, device):
@@ -2412,7 +2538,7 @@ def run_2d(cfg, out, device, resume=False):
     results = {}
     for method in methods:
         name = method if cfg.method == "compare" else "particles"
-        use_guidance(prior, guidance_scale(cfg, method))
+        set_guidance_scale(prior, guidance_scale(cfg, method))
         if method in done:
             results[method] = torch.load(os.path.join(out, f"{name}.pt"), weights_only=True) if rank == 0 else None
             continue
@@ -2429,15 +2555,6 @@ def run_2d(cfg, out, device, resume=False):
         save_comparison(prior, cfg, {m: decode(prior, results[m].to(device)) for m in COMPARED}, out)
         written = ["comparison.png", "comparison.txt"] + written
     return [os.path.join(out, f) for f in written if os.path.exists(os.path.join(out, f))]
-
-
-def save_particles(prior, theta, out, name="particles"):
-    """{name}.png (decoded, as a grid) and {name}.pt (the particles), on rank 0."""
-    if world()[0] == 0:
-        pictures = decode(prior, theta)
-        if pictures.shape[1] == 3:  # (a prior of other particles, e.g. points, has no picture)
-            save_grid(pictures, os.path.join(out, f"{name}.png"))
-        atomic_save(theta.cpu(), os.path.join(out, f"{name}.pt"))
 
 
 def diversity(images):
@@ -2496,27 +2613,6 @@ def ancestral_sample(prior, n, shape, device, steps=50):
     return x
 
 
-def save_grid(images, path):
-    """(B, 3, H, W) in [0,1] -> one PNG grid, as square as possible."""
-    save_image(grid_image(images), path)
-
-
-def grid_image(images):
-    b, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = torch.ones(3, rows * h, cols * w)
-    for i, im in enumerate(images.float().cpu()):
-        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    return grid                                                              # (3, rows h, cols w)
-
-
-def save_image(image, path):
-    """(3, H, W) in [0,1] -> PNG, written to a temp file and renamed so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, to_pil(image.detach()).save)
-
-
 # --- The shapes prior: a small class-conditional pixel diffusion model, trained on the CPU in minutes ---
 #
 # So that a laptop can see VSD make pictures (Fig. 3) from a model that learned from data: a diffusers
@@ -2526,11 +2622,18 @@ def save_image(image, path):
 # (sqrt(a) = 0.006 at t = 999) an eps-model's picture estimate (x_t - sqrt(1-a) eps) / sqrt(a) multiplies
 # its error by 1/sqrt(a), and a model trained for minutes samples noise (measured: 0/24 pictures recognised
 # after 600 steps with eps, 7/24 with v; README). Its weights are an EMA of the trained ones.
-
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
+
+
 SHAPE_KINDS = ("circle", "square", "triangle")
+
+
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
+
+
 SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS (measured: README)
+
+
 SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
 
 
@@ -2663,6 +2766,11 @@ class ShapesPrior:
     def decode(self, x):
         return ((x + 1) / 2).clamp(0, 1)
 
+    def eps_phi(self, cfg):
+        """Its variational score (§4): a LoRA of this UNet (ShapesLoRA). Cleaner particles than the small
+        from-scratch network (README)."""
+        return ShapesLoRA(self, cfg.lora_rank)
+
     @torch.no_grad()
     def predict_noise(self, x_t, t, camera=None):
         b = len(x_t)
@@ -2676,9 +2784,10 @@ class ShapesPrior:
 class ShapesLoRA(nn.Module):
     """eps_phi for the shapes prior: a copy of its UNet with rank-r LoRA on every convolution and attention
     projection, conditioned on the prompt's class (y in Eq. 9), trained with v-prediction like its base. LoRA's
-    B starts at zero, so eps_phi starts as the prior's class-conditional eps without CFG."""
+    B starts at zero, so eps_phi starts as the prior's class-conditional eps without CFG. AdamW at a constant
+    lr 1e-3 (a rank-4 LoRA of a 0.6M-parameter UNet learns the particles in a few hundred steps)."""
 
-    def __init__(self, prior, rank=4):
+    def __init__(self, prior, rank=4, lr=1e-3):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
         targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
@@ -2686,10 +2795,16 @@ class ShapesLoRA(nn.Module):
                                             copy.deepcopy(prior.unet))
         for name, p in self.unet.named_parameters():
             p.requires_grad_("lora_" in name)
-        self.label, self.alphas_cumprod = prior.label, prior.alphas_cumprod
+        self.label, self.alphas_cumprod, self.lr = prior.label, prior.alphas_cumprod, lr
 
     def trainable(self):
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def optimizer(self):
+        return torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=0.0)
+
+    def learning_rate(self, step):
+        return self.lr
 
     def forward(self, x_t, t, camera=None):  # v
         return self.unet(x_t, t, class_labels=torch.full((len(x_t),), self.label, device=x_t.device)).sample
@@ -2698,12 +2813,12 @@ class ShapesLoRA(nn.Module):
     def predict_noise(self, x_t, t, camera):
         return eps_from_v(self(x_t, t), x_t, self.alphas_cumprod[t].view(-1, 1, 1, 1))
 
-    def loss(self, x0, camera, alphas_cumprod):
+    def loss(self, x0, camera):
         """Eq. (8) in v-form, ||v_phi(x_t, t, y) - v||^2, on the detached particles, t ~ U{0..999}."""
-        x0 = x0.detach()
+        x0, ac = x0.detach(), self.alphas_cumprod
         t = torch.randint(0, 1000, (len(x0),), device=x0.device)
         eps = torch.randn_like(x0)
-        return F.mse_loss(self(add_noise(x0, t, eps, alphas_cumprod), t), v_target(x0, t, eps, alphas_cumprod))
+        return F.mse_loss(self(add_noise(x0, t, eps, ac), t), v_target(x0, t, eps, ac))
 
 
 def shape_seen(image):
@@ -2764,67 +2879,166 @@ def largest_blob(mask):
 
 
 # -----------------------------------------------------------------------------
-# 12. Run folder, logging and the command line
+# §18 Getting the weights: the Hugging Face hub, local folders, random test models
 
 
-def progress_bar(iterable, show, desc="", **kw):
-    if not show:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, **kw)
+def char_tokenizer(max_length):
+    """A CLIP BPE tokenizer over single characters, from files written to a temporary folder at run time
+    and removed once read (no download). Returns the tokenizer and its vocabulary size."""
+    from transformers import CLIPTokenizer
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    with tempfile.TemporaryDirectory(prefix="char-tokenizer-") as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump({tok: i for i, tok in enumerate(tokens)}, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                  model_max_length=max_length)
+    return tokenizer, len(tokens)
 
 
-def log(out, line):
-    if world()[0] != 0:  # under torchrun rank 0 keeps the log
+def tiny_unet(prediction_type="epsilon", seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4)
+    unet.register_to_config(prediction_type=prediction_type)  # diffusers keeps this on the scheduler; we keep it here
+    return unet
+
+
+def tiny_sd(seed=0):
+    """A tiny random Stable Diffusion built from configs: same classes and code path as the real one.
+    Its pictures are noise; it exists so that everything runs on a CPU with no download."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer, vocab_size = char_tokenizer(16)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return tokenizer, text_encoder, vae, tiny_unet(seed=seed)
+
+
+def random_sd21(seed=0):
+    """Stable Diffusion 2.1-base's architecture with random weights, built from configs (no download):
+    for measuring speed and memory. UNet 866M parameters, OpenCLIP-ViT-H-shaped text encoder, SD's VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer, vocab_size = char_tokenizer(77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, hidden_act="gelu", max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=512))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2)
+    return tokenizer, text_encoder, vae, random_sd21_unet(seed=seed)
+
+
+def random_sd21_unet(prediction_type="epsilon", seed=0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                                use_linear_projection=True)
+    unet.register_to_config(prediction_type=prediction_type)
+    return unet
+
+
+RANDOM_MODELS = {"tiny": (tiny_sd, tiny_unet), "random-sd21": (random_sd21, random_sd21_unet)}
+
+
+def load_sd(model, dtype):
+    """Tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion repository or folder, or one
+    of the random models built from configs ("tiny" for tests, "random-sd21" for benchmarks).
+    Any failure becomes one UserError naming what was tried and how to pass a local folder."""
+    if model in RANDOM_MODELS:
+        parts = RANDOM_MODELS[model][0]()
+        return [m.to(dtype) if isinstance(m, nn.Module) and dtype != torch.float32 else m for m in parts]
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+    local = os.path.isdir(model)
+    if not local and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise UserError(f"could not load Stable Diffusion {model!r}: no such folder, and not a hub id of the form "
+                        f"owner/name. Pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base")
+    if not local:
+        check_hub(model)
+    try:
+        load = dict(torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **load)
+        unet = load_unet(model, dtype)
+    except Exception as e:  # hub errors, OSError, missing files: all mean "could not load"
+        where = "the local folder" if local else "the Hugging Face hub and the local cache"
+        raise UserError(
+            f"could not load Stable Diffusion {model!r} from {where} ({type(e).__name__}). Download it once "
+            f"with network access, or pass a local diffusers folder: --model /path/to/stable-diffusion-2-1-base"
+        ) from None
+    return tokenizer, text_encoder, vae, unet
+
+
+@functools.cache
+def check_hub(model):
+    """Before the hub is asked for a model: say once where it comes from and how to stay offline, and when
+    the hub cannot be reached at all, say so now (the downloader would retry every file for minutes)."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import HfHubHTTPError
+    if constants.HF_HUB_OFFLINE:
         return
-    with open(os.path.join(out, "log.txt"), "a") as f:
-        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    print(f"{model}: from the Hugging Face hub or its local cache (offline: HF_HUB_OFFLINE=1, or --model FOLDER)",
+          flush=True)
+    try:
+        model_info(model, timeout=10)
+    except HfHubHTTPError:  # the hub answered (no such model, gated, ...): the loader's error says which
+        pass
+    except Exception as e:  # no connection, DNS, timeout, TLS
+        raise UserError(f"cannot reach the Hugging Face hub for {model!r} ({type(e).__name__}). If it is in the "
+                        f"local cache, run with HF_HUB_OFFLINE=1; or pass a local diffusers folder: "
+                        f"--model /path/to/stable-diffusion-2-1-base") from None
 
 
-def announce(cfg, device, prior):
-    dtype = getattr(prior, "dtype", torch.float32)
-    print(f"device {device} ({dtype} frozen models, fp32 trainable); model {cfg.model}")
+def load_unet(model, dtype):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    if not os.path.isdir(model):
+        check_hub(model)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+    sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    unet.register_to_config(prediction_type=sched.config.prediction_type)
+    return unet
+
+
+def lora_unet(prior, cfg):
+    """The UNet that carries eps_phi's LoRA: --lora-model's (SD 2.1, v-prediction, by default), the prior's
+    own with --lora-model same, or beside a random prior a random v-prediction UNet of the same shape."""
+    if cfg.lora_model == "same":
+        return prior.unet
     if cfg.model in RANDOM_MODELS:
-        print(f"--model {cfg.model}: a *random* Stable Diffusion for testing the code path; its pictures are noise")
+        unet = RANDOM_MODELS[cfg.model][1]("v_prediction", seed=1).to(prior.device)
+        return unet if prior.dtype == torch.float32 else unet.to(prior.dtype)
+    try:
+        return load_unet(cfg.lora_model, prior.dtype).to(prior.device)
+    except Exception as e:
+        raise UserError(f"could not load the LoRA UNet {cfg.lora_model!r} ({type(e).__name__}); pass a "
+                        f"local folder with --lora-model, or --lora-model same to use --model's UNet") from None
 
 
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "run"
+def scheduler_config(model):
+    """The model's noise schedule (scheduler/scheduler_config.json, cached by load_unet); the random
+    models have SD's scaled-linear schedule."""
+    from diffusers import DDPMScheduler
+    if model in RANDOM_MODELS:
+        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").config
+    return DDPMScheduler.load_config(model, subfolder="scheduler")
 
 
-def make_run_folder(out, name):
-    """The run folder: --out, or outputs/<name>-<time>/. Never reuses a folder that has files in it.
-    Under torchrun rank 0 makes it and tells the other ranks its name."""
-    return on_rank0(new_run_folder, out, name)
-
-
-def new_run_folder(out, name):
-    """Make the run folder and claim it by creating its config.json exclusively: two runs started at once
-    never share a folder. Without --out: outputs/<name>-<time>, or -2, -3, ... if that one is taken."""
-    stem = os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for k in itertools.count(1):
-        path = out or (stem if k == 1 else f"{stem}-{k}")
-        try:
-            os.makedirs(path, exist_ok=True)
-            if os.listdir(path):
-                raise FileExistsError
-            open(os.path.join(path, "config.json"), "x").close()
-            return path
-        except FileExistsError:
-            if out:
-                raise UserError(f"output folder {out} already has files; refusing to overwrite "
-                                f"(choose another --out)") from None
-        except OSError as e:
-            raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
-
-
-def forget_unstarted_run(out, made_by_default):
-    """A run that stopped before its first output (a model that would not load, Ctrl-C while loading)
-    leaves no config.json behind, so that the same --out can be used again."""
-    if world()[0] == 0 and os.path.isdir(out) and os.listdir(out) == ["config.json"]:
-        os.remove(os.path.join(out, "config.json"))
-        if made_by_default:
-            os.rmdir(out)
+# -----------------------------------------------------------------------------
+# §19 The command line (main last)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -2968,6 +3182,81 @@ def check_memory(cfg, device):
                             f"has ({have / 2 ** 30:.3g} GiB); use {fix}")
 
 
+def check_hardware(cfg, args, device):
+    """Before anything is downloaded: a real Stable Diffusion on a machine without CUDA would take weeks.
+    Say so in one line, with what to run instead, unless --allow-cpu. One stage-1 step took 152 s on 2
+    CPU cores with SD-2.1-shaped random models (bench.py); a 2D step, a batch of 8 latents, several times that."""
+    if device.type == "cuda" or args.allow_cpu or cfg.model in RANDOM_MODELS or cfg.model == "shapes":
+        return
+    cores = os.cpu_count() or 1
+    step = 152 * 2 / cores                                                   # seconds, scaled from 2 cores
+    steps = cfg.steps_2d if cfg.two_d else cfg.steps + (cfg.geometry_steps + cfg.texture_steps) * cfg.mesh
+    raise UserError(f"this machine has no CUDA GPU (torch sees {platform.machine()} CPUs, {cores} cores): a step "
+                    f"with Stable Diffusion 2.1 takes about {step:.0f} s or more here, {steps} steps about "
+                    f"{steps * step / 86400:.0f} days. On a CPU run --toy, or \"a red circle\" --2d --model shapes "
+                    f"(minutes); pass --allow-cpu to start this anyway")
+
+
+def run_nerf(cfg, out, device, resume=False):
+    """Stage 1 from the command line: load SD, train, write turntables."""
+    prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
+    rank0 = world()[0] == 0
+    if rank0:
+        announce(cfg, device, prior)
+    particles = train_nerf(prior, cfg, out, resume=resume, progress=True)
+    if rank0:  # only what exists: a short run writes no previews
+        names = {"particle*/turntable": "particle*/turntable.*", "previews/": "previews", "checkpoint.pt": "checkpoint.pt",
+                 "log.txt": "log.txt"}
+        print(f"wrote {out}: {', '.join(n for n, pattern in names.items() if any(Path(out).glob(pattern)))}")
+    if cfg.mesh:
+        run_mesh(cfg, out, prior, particles)
+
+
+def run_mesh(cfg, out, prior, particles):
+    """Stages 2-3 for every particle, each in its own folder, then export and turntables."""
+    for k, nerf in zip(my_particles(cfg), particles):  # under torchrun: this rank's particles
+        folder = os.path.join(out, f"particle{k}")
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(os.path.join(folder, "mesh.glb")):
+            continue  # finished before an interruption (export_mesh writes mesh.glb last)
+        dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=world()[0] == 0)
+        export_mesh(dmtet, tex, cfg, folder)
+        print(f"wrote {folder}/mesh.obj, mesh.glb, texture.png and the mesh turntables")
+
+
+def load_config(out):
+    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise UserError(f"--resume {out}: no checkpoint.pt there (it is written every --save-every steps and on Ctrl-C)")
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"--resume {out}: no readable config.json there") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {out}: config.json holds no settings (it must be a JSON object)")
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    try:
+        check_config(cfg)
+    except UserError as e:
+        raise UserError(f"--resume {out}: config.json: {e}") from None
+    return cfg
+
+
+def save_config(cfg, out):
+    if world()[0] == 0:  # under torchrun rank 0 writes it
+        write_json_atomic(asdict(cfg), os.path.join(out, "config.json"))
+
+
+def print_written(paths):
+    if world()[0] == 0 and paths:
+        print(f"wrote {', '.join(paths)}")
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, interrupt)  # a kill saves a checkpoint like Ctrl-C does
@@ -3036,122 +3325,6 @@ def main(argv=None):
         if dist.is_initialized():  # leave the process group, so that no rank waits for this one forever
             dist.destroy_process_group()
     return 0
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def print_written(paths):
-    if world()[0] == 0 and paths:
-        print(f"wrote {', '.join(paths)}")
-
-
-def check_hardware(cfg, args, device):
-    """Before anything is downloaded: a real Stable Diffusion on a machine without CUDA would take weeks.
-    Say so in one line, with what to run instead, unless --allow-cpu. One stage-1 step took 152 s on 2
-    CPU cores with SD-2.1-shaped random models (bench.py); a 2D step, a batch of 8 latents, several times that."""
-    if device.type == "cuda" or args.allow_cpu or cfg.model in RANDOM_MODELS or cfg.model == "shapes":
-        return
-    cores = os.cpu_count() or 1
-    step = 152 * 2 / cores                                                   # seconds, scaled from 2 cores
-    steps = cfg.steps_2d if cfg.two_d else cfg.steps + (cfg.geometry_steps + cfg.texture_steps) * cfg.mesh
-    raise UserError(f"this machine has no CUDA GPU (torch sees {platform.machine()} CPUs, {cores} cores): a step "
-                    f"with Stable Diffusion 2.1 takes about {step:.0f} s or more here, {steps} steps about "
-                    f"{steps * step / 86400:.0f} days. On a CPU run --toy, or \"a red circle\" --2d --model shapes "
-                    f"(minutes); pass --allow-cpu to start this anyway")
-
-
-def run_mesh(cfg, out, prior, particles):
-    """Stages 2-3 for every particle, each in its own folder, then export and turntables."""
-    for k, nerf in zip(my_particles(cfg), particles):  # under torchrun: this rank's particles
-        folder = os.path.join(out, f"particle{k}")
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(os.path.join(folder, "mesh.glb")):
-            continue  # finished before an interruption (export_mesh writes mesh.glb last)
-        dmtet, tex = train_mesh(prior, cfg, nerf, folder, progress=world()[0] == 0)
-        export_mesh(dmtet, tex, cfg, folder)
-        print(f"wrote {folder}/mesh.obj, mesh.glb, texture.png and the mesh turntables")
-
-
-@torch.no_grad()
-def export_mesh(dmtet, tex, cfg, folder):
-    """mesh.obj + mesh.mtl + texture.png, mesh.glb, and turntables of the normal map and textured mesh."""
-    vertices, faces = dmtet()
-    size = texture_size_for(len(faces), cfg.texture_size)
-    uv = uv_atlas(len(faces), size)
-    image = bake_texture(vertices, faces, uv.to(vertices.device), tex, size)
-    write_obj(folder, vertices, faces, uv, image)
-    res = min(cfg.resolution, 256)
-    cams = turntable_cameras(36, cfg, vertices.device)
-    white = torch.ones(1, 3, device=vertices.device)
-    normals, colours = [], []
-    for k in range(len(cams)):
-        r = render_mesh(vertices, faces, cams[k], res, res, smooth_normals=True)
-        normals.append(to_pil(normal_image(r, white)[0]))
-        colours.append(to_pil(texture_image(tex, r, white)[0]))
-    save_animation(normals, os.path.join(folder, "normal_turntable"))
-    save_animation(colours, os.path.join(folder, "mesh_turntable"))
-    write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)  # last: it marks the particle done
-
-
-def texture_size_for(n_faces, minimum):
-    """The smallest power of two >= minimum whose atlas cells are big enough for n_faces triangles."""
-    size = minimum
-    while math.ceil(math.sqrt(math.ceil(n_faces / 2))) * (4 * MARGIN + 2) > size:
-        size *= 2
-    return size
-
-
-def to_pil(image):  # (3, H, W) in [0,1] -> PIL image
-    arr = (image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def run_nerf(cfg, out, device, resume=False):
-    """Stage 1 from the command line: load SD, train, write turntables."""
-    prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
-    rank0 = world()[0] == 0
-    if rank0:
-        announce(cfg, device, prior)
-    particles = train_nerf(prior, cfg, out, resume=resume, progress=True)
-    if rank0:  # only what exists: a short run writes no previews
-        names = {"particle*/turntable": "particle*/turntable.*", "previews/": "previews", "checkpoint.pt": "checkpoint.pt",
-                 "log.txt": "log.txt"}
-        print(f"wrote {out}: {', '.join(n for n, pattern in names.items() if any(Path(out).glob(pattern)))}")
-    if cfg.mesh:
-        run_mesh(cfg, out, prior, particles)
-
-
-def load_config(out):
-    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
-        raise UserError(f"--resume {out}: no checkpoint.pt there (it is written every --save-every steps and on Ctrl-C)")
-    path = os.path.join(out, "config.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"--resume {out}: no readable config.json there") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume {out}: config.json holds no settings (it must be a JSON object)")
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
-    try:
-        check_config(cfg)
-    except UserError as e:
-        raise UserError(f"--resume {out}: config.json: {e}") from None
-    return cfg
-
-
-def save_config(cfg, out):
-    if world()[0] == 0:  # under torchrun rank 0 writes it
-        write_json_atomic(asdict(cfg), os.path.join(out, "config.json"))
-
-
-def write_json_atomic(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
 
 
 if __name__ == "__main__":

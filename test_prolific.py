@@ -1,12 +1,14 @@
 """Tests for prolific.py and its two stage files. CPU only, no network, no model download:
 the math is checked on analytic priors whose exact answer is known, the Stable Diffusion code path on a
-tiny random SD built from configs (DESIGN.md, "Testing")."""
+tiny random SD built from configs."""
+import ast
 import dataclasses
 import io
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -34,6 +36,62 @@ def run_cli(*args, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, os.path.join(HERE, "prolific.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+# -----------------------------------------------------------------------------
+# The reading path: Part I (the method) before the END banner, Part II (running it) after
+
+
+def source_and_end():
+    """prolific.py's text and the line number (1-based) of its END OF THE METHOD banner."""
+    with open(os.path.join(HERE, "prolific.py")) as f:
+        src = f.read()
+    return src, src[:src.index("# END OF THE METHOD")].count("\n") + 1
+
+
+def test_table_of_contents_lists_the_section_headers_in_order():
+    """The module docstring's contents name every `# §n` header, in order; the sections it lists before END OF
+    THE METHOD are those above the banner in the file."""
+    src, end = source_and_end()
+    headers = [(m.group(1), src[:m.start()].count("\n") + 1) for m in re.finditer(r"^# (§\d+ .*)$", src, re.M)]
+    contents = re.findall(r"^ +(§\d+ .*)$", P.__doc__, re.M)
+    assert contents == [h for h, _ in headers] and len(contents) >= 19
+    assert [int(h.split()[0][1:]) for h in contents] == list(range(1, len(contents) + 1))
+    part_one = P.__doc__.split("END OF THE METHOD")[0]
+    assert [h in part_one for h, _ in headers] == [line < end for _, line in headers]
+    assert any(line < end for _, line in headers) and any(line > end for _, line in headers)
+
+
+# Part I may name these of Part II: the bookkeeping seam, the progress bar, the weight loaders.
+SEAM = {"Run", "progress_bar", "load_sd", "lora_unet", "scheduler_config"}
+
+
+def test_part_one_reaches_part_two_only_through_the_seam():
+    """An AST walk: every name that a top-level definition of Part I loads, if Part II defines it, is in SEAM."""
+    src, end = source_and_end()
+    part = {True: {}, False: {}}
+    for node in ast.parse(src).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for n in ([node] if isinstance(node, ast.Assign) else []) for t0 in n.targets
+            for t in ([t0] if isinstance(t0, ast.Name) else getattr(t0, "elts", []))]
+        part[node.lineno < end].update({n: node for n in names})
+    used = {name: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & set(part[False])
+            for name, node in part[True].items()}
+    assert not {name: names - SEAM for name, names in used.items() if names - SEAM}
+    assert {"train_nerf", "distill_points", "LoRAScore", "eps_phi_step"} <= set(part[True])  # the walk sees both
+    assert {"main", "Run", "ShapesPrior", "save_checkpoint"} <= set(part[False])             # parts, and the seam
+    assert "Run" in used["train_nerf"] and "progress_bar" in used["distill_points"]
+
+
+def test_each_training_loop_has_at_most_six_lines_of_bookkeeping():
+    """The lines of train_nerf, train_geometry, train_texture and distill_images that go through the seam, besides
+    the loop's own `for step in run.steps:`."""
+    import inspect
+    for loop in (P.train_nerf, P.train_geometry, P.train_texture, P.distill_images):
+        body = inspect.getsource(loop).split('"""')[-1]                    # after the docstring
+        plumbing = [line for line in body.splitlines()
+                    if re.search(r"\bRun\.|\brun\.|as run:", line) and "for step in run.steps:" not in line]
+        assert 3 <= len(plumbing) <= 6, (loop.__name__, plumbing)
 
 
 # -----------------------------------------------------------------------------
@@ -959,14 +1017,13 @@ def test_lora_optimiser_decays_and_warms_up():
     eps_phi, opt = P.make_eps_phi(tiny_prior(lora_model="same"), cfg, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 1e-2
     lrs = []
-    for step in (0, 249, 499, 5000):
-        P.warm_up_lora(eps_phi, opt, cfg, step)
+    for step in (0, 249, 499, 5000):  # eps_phi_step sets the step's lr before the optimiser step
+        P.eps_phi_step(eps_phi, opt, torch.randn(1, 4, 8, 8), None, step)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([1e-4 / 500, 0.5e-4, 1e-4, 1e-4])
-    small = P.SmallScore((1, 2))  # a from-scratch eps_phi keeps its own lr
-    opt_small = torch.optim.Adam(small.parameters(), lr=1e-3)
-    P.warm_up_lora(small, opt_small, cfg, 0)
-    assert opt_small.param_groups[0]["lr"] == 1e-3
+    small, opt_small = P.make_eps_phi(P.GaussianMixturePrior([[0.0, 0.0]], 1.0), cfg, torch.device("cpu"), (1, 2))
+    P.eps_phi_step(small, opt_small, torch.randn(1, 2), None, 0)  # a from-scratch eps_phi keeps its own lr
+    assert isinstance(small, P.SmallScore) and opt_small.param_groups[0]["lr"] == 1e-3
 
 
 def test_sd_prior_applies_cfg_with_view_prompts():
@@ -1120,7 +1177,7 @@ def test_shapes_demo_vsd_shows_the_class_as_diverse_as_ancestral_sds_collapses()
     torch.manual_seed(0)
     ancestral = prior.decode(P.ancestral_sample(prior, 8, (3, 32, 32), "cpu"))
     vsd = prior.decode(P.distill_images(prior, 8, (3, 32, 32), "vsd", P.Config.steps_shapes, seed=0))
-    P.use_guidance(prior, P.SHAPES_GUIDANCE[1])
+    P.set_guidance_scale(prior, P.SHAPES_GUIDANCE[1])
     sds = prior.decode(P.distill_images(prior, 8, (3, 32, 32), "sds", P.Config.steps_shapes, seed=0))
     shows = lambda x: sum(P.shape_seen(im) == prior.label for im in x)
     assert shows(ancestral) >= 6 and shows(vsd) >= 6
@@ -1172,7 +1229,7 @@ def test_2d_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, monkeypatc
     if where == "eps_pretrain":
         monkeypatch.setattr(prior, "predict_noise", sixth_call_interrupts(prior.predict_noise))
     else:
-        monkeypatch.setattr(P, "eps_phi_loss", sixth_call_interrupts(P.eps_phi_loss))
+        monkeypatch.setattr(P, "eps_phi_step", sixth_call_interrupts(P.eps_phi_step))
     with pytest.raises(KeyboardInterrupt):
         P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg, out=str(tmp_path))
     monkeypatch.undo()
@@ -1315,6 +1372,15 @@ def test_render_matches_beer_lambert():
         torch.testing.assert_close(out["depth"][0, 0, 4, 4], torch.trapezoid(z * w, z), rtol=2e-3, atol=1e-3)
 
 
+def regulariser_grad(rendered, cfg):
+    """dL/d(opacity) of the stage-1 regularisers at a render's opacity (from step opaque_start on), as train_nerf
+    takes it: the loss of the detached opacity, differentiated."""
+    opacity = rendered["opacity"].detach().requires_grad_(True)
+    sparsity, opaque = P.opacity_regularisers(opacity)
+    (cfg.lambda_sparsity * sparsity + cfg.lambda_opaque * opaque).backward()
+    return opacity.grad
+
+
 def test_deferred_backprop_equals_direct_gradient():
     torch.manual_seed(0)
     cfg = small_cfg()
@@ -1323,7 +1389,7 @@ def test_deferred_backprop_equals_direct_gradient():
     grad_rgb = torch.randn(1, 3, 12, 12)
     with torch.no_grad():
         first = P.render(field, cam, 12, 12, None, 16, 8)
-    P.backward_through_render(field, cam, 12, first, grad_rgb, None, P.Config(lambda_sparsity=0, lambda_opaque=0), chunk=40)
+    P.backward_through_render(field, cam, 12, first, grad_rgb, torch.zeros(1, 1, 12, 12), None, P.Config(), chunk=40)
     deferred = [p.grad.clone() for p in field.parameters()]
     field.zero_grad()
     direct = P.render(field, cam, 12, 12, None, depths=first["depths"])["rgb"]
@@ -1408,7 +1474,8 @@ def test_deferred_backprop_with_skipping_equals_direct_autograd_on_the_kept_samp
         with torch.no_grad():
             first = P.render(field, cam, size, size, None, 16, 8, occupancy=field.occupancy)
         field.zero_grad()
-        P.backward_through_render(field, cam, size, first, grad_rgb, None, config, chunk=40)
+        P.backward_through_render(field, cam, size, first, grad_rgb, regulariser_grad(first, config), None, config,
+                                  chunk=40)
         return first, grads()
 
     first, early = deferred(cfg)
@@ -1417,9 +1484,7 @@ def test_deferred_backprop_with_skipping_equals_direct_autograd_on_the_kept_samp
     assert keep.sum() < drawn.sum() < drawn.numel()                           # skipped, and terminated early
     field.zero_grad()
     direct = P.render(field, cam, size, size, None, depths=first["depths"], deltas=first["deltas"], keep=keep)
-    n = size * size
-    opacity = direct["opacity"].permute(0, 2, 3, 1).reshape(-1, 1)
-    ((direct["rgb"] * grad_rgb).sum() + P.opacity_regularisers(opacity, n, cfg, 0)).backward()
+    ((direct["rgb"] * grad_rgb).sum() + (direct["opacity"] * regulariser_grad(first, cfg)).sum()).backward()
     for a, b in zip(early, grads()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert all(g.abs().sum() > 0 for g in early[:2])                         # the hash tables
@@ -1427,7 +1492,7 @@ def test_deferred_backprop_with_skipping_equals_direct_autograd_on_the_kept_samp
     torch.manual_seed(1)
     one = P.render(field, cam, size, size, None, 16, 8, occupancy=field.occupancy)  # autograd on: the graph kept
     field.zero_grad()
-    P.backward_through_render(field, cam, size, one, grad_rgb, None, cfg)
+    P.backward_through_render(field, cam, size, one, grad_rgb, regulariser_grad(one, cfg), None, cfg)
     for a, b in zip(complete, grads()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
@@ -2093,17 +2158,17 @@ def test_ctrl_c_in_the_update_in_a_preview_or_in_the_turntable_resumes_exactly(t
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     straight = P.train_nerf(KnownScenePrior(), cfg, out=str(a))
-    loss, stop = P.eps_phi_loss, {}
+    step_phi, stop, prior = P.eps_phi_step, {}, KnownScenePrior()
 
-    def sigint_in_eps_phi_step(eps_phi, prior, x0, camera):  # step 1's eps_phi step (prior call 2)
+    def sigint_in_eps_phi_step(*args):  # step 1's eps_phi step (prior call 2)
         if prior.calls == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return loss(eps_phi, prior, x0, camera)
-    monkeypatch.setattr(P, "eps_phi_loss", sigint_in_eps_phi_step)
+        return step_phi(*args)
+    monkeypatch.setattr(P, "eps_phi_step", sigint_in_eps_phi_step)
     with pytest.raises(KeyboardInterrupt):
-        P.train_nerf(KnownScenePrior(), cfg, out=str(b))
+        P.train_nerf(prior, cfg, out=str(b))
     assert P.read_checkpoint(str(b / "checkpoint.pt"))["step"] == 2     # step 1 finished before stopping
-    monkeypatch.setattr(P, "eps_phi_loss", loss)
+    monkeypatch.setattr(P, "eps_phi_step", step_phi)
     save_image = P.save_image
 
     def interrupt_at(name):
