@@ -99,7 +99,7 @@ class Config:
     t_max: float = 0.98
     t_max_annealed: float = 0.50
     anneal_step: int = 5000         # App. F: 5k steps (10k for scenes, see anneal_at())
-    # the variational score eps_phi (Sec. 3.2, App. F); README "Settings" compares every value below with the
+    # the variational score eps_phi (Sec. 3.2, App. F); docs/settings.md compares every value below with the
     # authors' code (thu-ml/prolificdreamer) and threestudio, the two implementations run on real SD
     lora_rank: int = 4
     lora_lr: float = 1e-4
@@ -155,6 +155,7 @@ class UserError(Exception):
 
 
 def guidance_scale(cfg, method):
+    """The CFG scale a method distils (or samples) at: cfg_vsd for VSD and ancestral sampling, cfg_sds for SDS."""
     return cfg.cfg_vsd if method in ("vsd", "ancestral") else cfg.cfg_sds
 
 
@@ -406,7 +407,7 @@ class LoRAScore(nn.Module):
         return torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=self.weight_decay)
 
     def learning_rate(self, step):
-        """lr 1e-4 (App. F), reached by a linear warm-up over the first lora_warmup steps (the authors' nerf/utils.py)."""
+        """lr 1e-4 (App. F), reached by a linear warm-up over the first lora_warmup steps (authors' nerf/utils.py)."""
         return self.lr * min(1.0, (step + 1) / self.warmup)
 
     def forward(self, x_t, t, camera):  # the raw network output: v (or eps if the base UNet is eps-pred)
@@ -499,7 +500,8 @@ class SmallScore(nn.Module):
         if camera is not None:
             keep = (torch.rand(len(camera.c2w), device=x0.device) >= self.dropout).float().view(-1, 1, 1)
             c2w = (camera.c2w * keep).repeat(r, 1, 1)
-            camera = Camera(c2w, *[v.repeat(r) for v in (camera.fovy, camera.elevation, camera.azimuth, camera.distance)])
+            rest = (camera.fovy, camera.elevation, camera.azimuth, camera.distance)
+            camera = Camera(c2w, *[v.repeat(r) for v in rest])
         return F.mse_loss(self(add_noise(x0, t, eps, self.alphas_cumprod), t, camera), eps)
 
 
@@ -509,7 +511,8 @@ def make_eps_phi(prior, cfg, device, x0_shape=None):
     if hasattr(prior, "eps_phi"):
         net = prior.eps_phi(cfg)
     else:
-        net = SmallScore(x0_shape or probe_shape(prior, cfg, device), prior.alphas_cumprod, cfg.camera_dropout).to(device)
+        x0_shape = x0_shape or probe_shape(prior, cfg, device)
+        net = SmallScore(x0_shape, prior.alphas_cumprod, cfg.camera_dropout).to(device)
     return net, net.optimizer()
 
 
@@ -910,8 +913,8 @@ def backward_through_render(field, camera, size, rendered, grad_rgb, grad_opacit
 
 # Peak bytes per sample a render holds (default NeRFField, 16 levels): without autograd (each level's corner
 # rows and weights made and freed in turn), and with the graph that backward needs (every level's rows and
-# weights, the MLPs' activations). Peak RSS over 64x64 rays on the CPU: 965 and 2630 (2617 and 2865 before
-# the hash grid went level by level); rounded up.
+# weights, the MLPs' activations). Peak RSS over 64x64 rays on the CPU: 965 and 2630 (2617 and 2865 if
+# the hash grid gathered all its levels at once); rounded up.
 SAMPLE_BYTES = {False: 1200, True: 3000}
 
 
@@ -1532,7 +1535,7 @@ class Run:
     def __init__(self, out, cfg, desc, total, start, progress, watch, save, preview, finish=None, logs=True,
                  collective=False, interrupt_save=None):
         self.out, self.cfg, self.desc, self.total, self.start = out, cfg, desc, total, start
-        self.done, self.rng = start, rng_state()  # the steps in the parameters, and the random state that continues them
+        self.done, self.rng = start, rng_state()  # the steps in the parameters; the random state that continues them
         self.watch = [p for w in watch if w is not None
                       for p in ([w] if torch.is_tensor(w) else [p for p in w.parameters() if p.requires_grad])]
         self.save, self.preview, self.finish, self.logs = save, preview, finish, logs
@@ -1540,7 +1543,8 @@ class Run:
         # all of them (collective): the last periodic one is kept. Mesh stages save each rank's own files.
         self.save_on_interrupt = not collective or world()[1] == 1
         self.interrupt_save, self.hint = interrupt_save or save, collective
-        self.steps = progress_bar(range(start, total), progress and world()[0] == 0, desc=desc, initial=start, total=total)
+        self.steps = progress_bar(range(start, total), progress and world()[0] == 0, desc=desc, initial=start,
+                                  total=total)
 
     def __enter__(self):
         return self
@@ -1908,8 +1912,8 @@ def save_preview(particles, cfg, path):
     device = next(particles[0].parameters()).device
     cam = turntable_cameras(1, cfg, device)
     with own_rng(device, cfg.seed):
-        rows = [torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 1)
-                for r in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance,
+        rows = [torch.cat([view["rgb"][0], depth_image(view["depth"][0], view["opacity"][0], cfg)], 1)
+                for view in (render(f, cam, size, size, None, cfg.n_samples, cfg.n_importance,
                                            occupancy=f.occupancy) for f in particles)]
     image = gather_cat(torch.cat(rows, 2), dim=2)                            # (3, 2 size, P size)
     if world()[0] == 0:
@@ -1951,9 +1955,9 @@ def write_turntable(field, cfg, folder, frames=36, size=None):
     for k, path in enumerate(paths):
         if not os.path.exists(path):
             with own_rng(device, cfg.seed + k):
-                r = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance,
+                view = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance,
                            occupancy=field.occupancy)
-            save_image(torch.cat([r["rgb"][0], depth_image(r["depth"][0], r["opacity"][0], cfg)], 2), path)
+            save_image(torch.cat([view["rgb"][0], depth_image(view["depth"][0], view["opacity"][0], cfg)], 2), path)
     save_animation([Image.open(p).convert("RGB") for p in paths], stem)
 
 
@@ -2424,9 +2428,9 @@ def export_mesh(dmtet, tex, cfg, folder):
     white = torch.ones(1, 3, device=vertices.device)
     normals, colours = [], []
     for k in range(len(cams)):
-        r = render_mesh(vertices, faces, cams[k], res, res, smooth_normals=True)
-        normals.append(to_pil(normal_image(r, white)[0]))
-        colours.append(to_pil(texture_image(tex, r, white)[0]))
+        raster = render_mesh(vertices, faces, cams[k], res, res, smooth_normals=True)
+        normals.append(to_pil(normal_image(raster, white)[0]))
+        colours.append(to_pil(texture_image(tex, raster, white)[0]))
     save_animation(normals, os.path.join(folder, "normal_turntable"))
     save_animation(colours, os.path.join(folder, "mesh_turntable"))
     write_glb(os.path.join(folder, "mesh.glb"), vertices, faces, uv, image)  # last: it marks the particle done
@@ -2621,7 +2625,7 @@ def ancestral_sample(prior, n, shape, device, steps=50):
 # the usual one for pixel models (SD's ends too noisy for pixels). It predicts v, not eps: at high noise
 # (sqrt(a) = 0.006 at t = 999) an eps-model's picture estimate (x_t - sqrt(1-a) eps) / sqrt(a) multiplies
 # its error by 1/sqrt(a), and a model trained for minutes samples noise (measured: 0/24 pictures recognised
-# after 600 steps with eps, 7/24 with v; README). Its weights are an EMA of the trained ones.
+# after 600 steps with eps, 7/24 with v; docs/measurements.md). Its weights are an EMA of the trained ones.
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 200, 30)}
 
 
@@ -2631,7 +2635,7 @@ SHAPE_KINDS = ("circle", "square", "triangle")
 SHAPE_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SHAPE_KINDS]  # 12 classes; label 12 = no class
 
 
-SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS (measured: README)
+SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS (measured: docs/measurements.md)
 
 
 SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
@@ -2768,7 +2772,7 @@ class ShapesPrior:
 
     def eps_phi(self, cfg):
         """Its variational score (§4): a LoRA of this UNet (ShapesLoRA). Cleaner particles than the small
-        from-scratch network (README)."""
+        from-scratch network (docs/measurements.md)."""
         return ShapesLoRA(self, cfg.lora_rank)
 
     @torch.no_grad()
@@ -3127,7 +3131,8 @@ def config_from_args(args):
         cfg.steps_2d = cfg.steps_shapes
     elif args.steps:
         cfg.steps = args.steps
-    if shapes:  # SD's CFG (7.5 / 100) over-saturates this pixel model: its samples fill the frame (README)
+    if shapes:  # SD's CFG (7.5 / 100) over-saturates this pixel model: its samples fill the frame
+        # (docs/measurements.md)
         cfg.cfg_vsd, cfg.cfg_sds = SHAPES_GUIDANCE
     check_config(cfg)
     return cfg
