@@ -1532,13 +1532,14 @@ class Run:
     generator never sees the KeyboardInterrupt raised in the loop's body. One constructor per loop
     (stage1, geometry, texture, images) says what its checkpoint holds and what its previews show."""
 
-    def __init__(self, out, cfg, desc, total, start, progress, watch, save, preview, finish=None, logs=True,
-                 collective=False, interrupt_save=None):
+    def __init__(self, out, cfg, desc, total, start, progress, watch, save, preview, finish=None, log_every=None,
+                 log_last=False, collective=False, interrupt_save=None):
         self.out, self.cfg, self.desc, self.total, self.start = out, cfg, desc, total, start
         self.done, self.rng = start, rng_state()  # the steps in the parameters; the random state that continues them
         self.watch = [p for w in watch if w is not None
                       for p in ([w] if torch.is_tensor(w) else [p for p in w.parameters() if p.requires_grad])]
-        self.save, self.preview, self.finish, self.logs = save, preview, finish, logs
+        self.save, self.preview, self.finish = save, preview, finish
+        self.log_every, self.log_last = log_every, log_last  # a log line every log_every steps, and at the last?
         # Under torchrun the ranks stop at different points on Ctrl-C and cannot meet to gather a checkpoint of
         # all of them (collective): the last periodic one is kept. Mesh stages save each rank's own files.
         self.save_on_interrupt = not collective or world()[1] == 1
@@ -1576,15 +1577,15 @@ class Run:
         check_finite(step, self.watch)
 
     def show(self, picture=None, **info):
-        """After a step: its numbers on the progress bar, and in the run folder a log line every 50 steps (and
-        at the last), a preview every cfg.preview_every steps (of `picture`, where the loop has one) and a
-        checkpoint every cfg.save_every steps."""
+        """After a step: its numbers on the progress bar, and in the run folder a log line every log_every steps
+        (and at the last, if log_last), a preview every cfg.preview_every steps (of `picture`, where the loop has
+        one) and a checkpoint every cfg.save_every steps."""
         done, numbers = self.done, lambda: {k: number(v) for k, v in info.items()}
         if hasattr(self.steps, "set_postfix"):
             self.steps.set_postfix(**numbers())
         if self.out is None:
             return
-        if self.logs and (done % 50 == 0 or done == self.total):
+        if self.log_every and (done % self.log_every == 0 or (self.log_last and done == self.total)):
             log(self.out, f"{self.desc} step {done} " + " ".join(f"{k} {v}" for k, v in numbers().items()))
         if done % self.cfg.preview_every == 0:
             self.preview(done, picture)
@@ -1604,15 +1605,14 @@ class Run:
         return cls(out, cfg, "stage 1", cfg.steps, start, progress, [eps_phi, *particles],
                    lambda step, rng: save_checkpoint(out, step, particles, optims, eps_phi, opt_phi, rng),
                    lambda step, _: save_preview(particles, cfg, os.path.join(out, "previews", f"step_{step:06d}.png")),
-                   finish, collective=True)
+                   finish, log_every=50, log_last=True, collective=True)
 
     @classmethod
     def geometry(cls, out, cfg, dmtet, opt, state, progress):
         """Stage 2 of one particle: mesh_checkpoint.pt in its folder; previews are the normal maps SD sees."""
         return cls(out, cfg, "stage 2 geometry", cfg.geometry_steps, restore_mesh_stage(state, opt), progress, [dmtet],
                    lambda step, rng: save_mesh_checkpoint(out, 2, step, dmtet, None, opt, None, None, rng),
-                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"geometry_{step:06d}.png")),
-                   logs=False)
+                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"geometry_{step:06d}.png")))
 
     @classmethod
     def texture(cls, out, cfg, dmtet, tex, opt, eps_phi, opt_phi, state, progress):
@@ -1620,8 +1620,7 @@ class Run:
         return cls(out, cfg, "stage 3 texture", cfg.texture_steps, restore_mesh_stage(state, opt, eps_phi, opt_phi),
                    progress, [tex, eps_phi],
                    lambda step, rng: save_mesh_checkpoint(out, 3, step, dmtet, tex, opt, eps_phi, opt_phi, rng),
-                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"texture_{step:06d}.png")),
-                   logs=False)
+                   lambda step, image: save_image(image[0], os.path.join(out, "previews", f"texture_{step:06d}.png")))
 
     @classmethod
     def images(cls, out, cfg, prior, name, method, steps, theta, opt, eps_phi, opt_phi, resume, progress):
@@ -1642,7 +1641,7 @@ class Run:
             save(step, rng)
             save_particles(prior, theta.detach(), out, name)
         return cls(out, cfg, f"2D {method}", steps, start, progress, [theta, eps_phi], save, preview,
-                   collective=True, interrupt_save=save_with_particles)
+                   log_every=cfg.preview_every, collective=True, interrupt_save=save_with_particles)
 
     # The rest of the seam: what Part I asks of the processes, of a mesh checkpoint and of the CPU.
 
