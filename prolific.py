@@ -46,6 +46,7 @@ n particles.
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import io
 import itertools
@@ -54,6 +55,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -154,6 +156,12 @@ class UserError(Exception):
     """Bad input or an unusable environment: printed as one line, exit code 2, no traceback."""
 
 
+def check_argument(ok, message):
+    """A library argument that cannot work is a ValueError naming it, as numpy and torch do for theirs."""
+    if not ok:
+        raise ValueError(message)
+
+
 def guidance_scale(cfg, method):
     """The CFG scale a method distils (or samples) at: cfg_vsd for VSD and ancestral sampling, cfg_sds for SDS."""
     return cfg.cfg_vsd if method in ("vsd", "ancestral") else cfg.cfg_sds
@@ -194,6 +202,10 @@ class GaussianMixturePrior:
         self.std = float(std)
         k = len(self.means)
         w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        check_argument(self.means.ndim == 2 and k > 0, f"means must be (K, d) with K >= 1, got {tuple(self.means.shape)}")
+        check_argument(0 < self.std < math.inf, f"std must be positive and finite, got {std}")
+        check_argument(w.shape == (k,) and bool((w >= 0).all()) and w.sum() > 0,
+                       f"weights must be {k} numbers >= 0, not all 0, got {w.tolist()}")
         self.weights = w / w.sum()                                 # (K,)
         self.alphas_cumprod = sd_alphas_cumprod()
 
@@ -556,6 +568,10 @@ class Camera:
 
     @staticmethod
     def orbit(elevation, azimuth, distance, fovy):
+        """Cameras on a sphere around the origin, looking at it; each argument (B,), degrees or distance."""
+        sizes = [tuple(v.shape) for v in (elevation, azimuth, distance, fovy)]
+        check_argument(len(set(sizes)) == 1 and len(sizes[0]) == 1,
+                       f"Camera.orbit: elevation, azimuth, distance and fovy must be (B,) alike, got shapes {sizes}")
         el, az = torch.deg2rad(elevation.float()), torch.deg2rad(azimuth.float())
         eye = distance[:, None] * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)  # (B, 3)
         back = F.normalize(eye, dim=-1)                                  # camera +z: away from the target
@@ -1373,7 +1389,9 @@ def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr
     collapses. Plain SGD on the particles, so the step is exactly -lr * g (a discretised flow), with a
     cosine decay of lr so the Monte-Carlo noise in g averages out at the end. No time annealing: App. G
     compares VSD and SDS without it."""
-    assert method in ("vsd", "sds"), method
+    check_argument(method in ("vsd", "sds"), f"distill_points: method must be 'vsd' or 'sds', got {method!r}")
+    check_argument(n_particles >= 1 and dim >= 1 and steps >= 1,
+                   f"distill_points: n_particles, dim and steps must be >= 1, got {n_particles}, {dim}, {steps}")
     torch.manual_seed(seed)
     theta = torch.randn(n_particles, dim).requires_grad_(True)  # start from the diffusion's N(0, I)
     opt = torch.optim.SGD([theta], lr=lr)
@@ -1412,6 +1430,11 @@ def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, 
     out: a folder for previews, a checkpoint.pt every cfg.save_every steps, at the end and on Ctrl-C (which
     then also writes {name}.png/.pt and raises KeyboardInterrupt); resume: continue from out/checkpoint.pt.
     Under torchrun n_particles is this rank's share and eps_phi's gradients are averaged over the ranks."""
+    check_argument(method in ("vsd", "sds"), f"distill_images: method must be 'vsd' or 'sds', got {method!r} "
+                   f"(ancestral sampling is ancestral_sample)")
+    check_argument(n_particles >= 1 and steps >= 1 and len(shape) == 3,
+                   f"distill_images: n_particles and steps must be >= 1 and shape (C, h, w), got {n_particles}, "
+                   f"{steps}, {tuple(shape)}")
     cfg = cfg or Config()
     device = prior.alphas_cumprod.device
     torch.manual_seed(seed)
@@ -1487,6 +1510,9 @@ def new_run_folder(out, name):
     """Make the run folder and claim it by creating its config.json exclusively: two runs started at once
     never share a folder. Without --out: outputs/<name>-<time>, or -2, -3, ... if that one is taken."""
     stem = os.path.join("outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out and os.path.lexists(out) and not os.path.isdir(out):
+        what = "is a broken symbolic link" if not os.path.exists(out) else "exists and is not a folder"
+        raise UserError(f"--out {out} {what}; choose another --out")
     for k in itertools.count(1):
         path = out or (stem if k == 1 else f"{stem}-{k}")
         try:
@@ -1539,11 +1565,12 @@ class Run:
         self.watch = [p for w in watch if w is not None
                       for p in ([w] if torch.is_tensor(w) else [p for p in w.parameters() if p.requires_grad])]
         self.save, self.preview, self.finish = save, preview, finish
+        self.saved = [start] if start > 0 else []  # the steps of the checkpoints this run has on disk
         self.log_every, self.log_last = log_every, log_last  # a log line every log_every steps, and at the last?
         # Under torchrun the ranks stop at different points on Ctrl-C and cannot meet to gather a checkpoint of
         # all of them (collective): the last periodic one is kept. Mesh stages save each rank's own files.
         self.save_on_interrupt = not collective or world()[1] == 1
-        self.interrupt_save, self.hint = interrupt_save or save, collective
+        self.interrupt_save = interrupt_save or save
         self.steps = progress_bar(range(start, total), progress and world()[0] == 0, desc=desc, initial=start,
                                   total=total)
 
@@ -1555,15 +1582,13 @@ class Run:
             return False
         if kind is None:
             if self.start < self.total:  # finished here: a --resume knows it is done
-                self.save(self.total, self.rng)
+                self.checkpoint(self.total)
             if self.finish is not None:
                 self.finish()
         elif issubclass(kind, KeyboardInterrupt) and self.save_on_interrupt:
             with signals_held():  # save the done steps, then stop (a second Ctrl-C waits for the save)
                 self.interrupt_save(self.done, self.rng)
-            if self.hint:
-                print(f"\ninterrupted at step {self.done}; resume with: python prolific.py --resume {self.out}",
-                      file=sys.stderr)
+            print(f"\ninterrupted at step {self.done} of {self.desc}; saved", file=sys.stderr)
         return False
 
     @contextlib.contextmanager
@@ -1574,7 +1599,9 @@ class Run:
         with signals_held():
             yield
             self.done, self.rng = step + 1, rng_state()
-        check_finite(step, self.watch)
+        kept = (f"the checkpoint of step {self.saved[-1]} (finite) is kept" if self.saved and self.out is not None
+                else "no checkpoint had been saved yet")
+        check_finite(step, self.watch, kept)
 
     def show(self, picture=None, **info):
         """After a step: its numbers on the progress bar, and in the run folder a log line every log_every steps
@@ -1590,7 +1617,12 @@ class Run:
         if done % self.cfg.preview_every == 0:
             self.preview(done, picture)
         if done % self.cfg.save_every == 0 and done < self.total:
-            self.save(done, self.rng)
+            self.checkpoint(done)
+
+    def checkpoint(self, step):
+        """Save the parameters after `step` steps, with the random state that continues them."""
+        self.save(step, self.rng)
+        self.saved.append(step)
 
     @classmethod
     def stage1(cls, out, cfg, particles, optims, eps_phi, opt_phi, resume, progress):
@@ -1691,14 +1723,14 @@ class TrainingStopped(Exception):
     checkpoint on disk was saved before, from finite parameters."""
 
 
-def check_finite(step, params):
+def check_finite(step, params, kept="the last checkpoint (saved before, finite) is kept"):
     """Stop as soon as a trainable parameter is NaN or inf, before anything saves it. (g itself is cleaned
-    in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)"""
+    in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)
+    kept: what the message says is left of the run."""
     # A NaN or inf anywhere makes the sum NaN or inf (inf - inf is NaN): one reduction a tensor, one device
     # sync, 5x cheaper than isfinite().all() on the CPU (no 12M-element bool temporary).
     if params and not torch.stack([p.detach().sum() for p in params]).sum().isfinite():
-        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; the last checkpoint (saved "
-                              f"before, finite) is kept")
+        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; {kept}")
 
 
 @contextlib.contextmanager
@@ -1887,8 +1919,13 @@ def atomic_write(path, write):
 
 def atomic_save(state, path):
     def write(tmp):
-        with open(tmp, "wb") as f:  # (torch.save to a file object raises OSError, not RuntimeError, on a full disk)
-            torch.save(state, f)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        except RuntimeError:  # torch's zip writer reports a full disk as "unexpected pos ...": say what it is
+            if shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free < 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
     atomic_write(path, write)
 
 
@@ -2480,15 +2517,23 @@ def run_toy(cfg, out):
     panels = {"target samples": target}
     for method in ("sds", "vsd"):
         panels[f"{method.upper()} particles"] = distill_points(prior, n, 2, method, steps, cfg.seed, progress=True)
-    lines = [f"{'':18s}" + "".join(f"  mode {j} w={w:.2f} std={TOY_STD:.2f}" for j, w in enumerate(prior.weights.tolist()))]
-    for name, x in panels.items():
-        cells = "".join(f"  w={w:.3f} spread={s:.3f}     " for w, s, _ in mode_stats(TOY_MEANS, x))
-        lines.append(f"{name:18s}{cells}")
+    lines = toy_table(prior, panels)
     print("\n".join(lines))
     save_scatter(panels, os.path.join(out, "toy.png"), TOY_MEANS)
     with open(os.path.join(out, "toy.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {os.path.join(out, 'toy.png')}")
+
+
+def toy_table(prior, panels):
+    """The toy's table: per panel and mode, the share of points nearest that mode and their spread (none for a
+    mode no point is nearest to)."""
+    lines = [f"{'':18s}" + "".join(f"  mode {j} w={w:.2f} std={TOY_STD:.2f}" for j, w in enumerate(prior.weights.tolist()))]
+    for name, x in panels.items():
+        cells = "".join(f"  w={w:.3f} " + (f"spread={s:.3f}" if w > 0 else "(empty)     ") + "     "
+                        for w, s, _ in mode_stats(TOY_MEANS, x))
+        lines.append(f"{name:18s}{cells}")
+    return lines
 
 
 def save_scatter(panels, path, means, size=320, lim=3.0):
@@ -2738,8 +2783,9 @@ def shapes_model(size=32, seed=0, progress=False, **training):
         return unet.eval()
     except FileNotFoundError:
         print(f"training the shapes model ({hp['steps']} steps, a few minutes on a CPU); it is cached in {path}")
-    except Exception as e:
-        print(f"the cached shapes model {path} is unusable ({type(e).__name__}: {e}); training it again")
+    except Exception as e:  # (torch's own message runs to several lines, with advice that does not apply here)
+        why = str(e) if isinstance(e, ValueError) else "not a model this program saved"
+        print(f"the cached shapes model {path} is unusable ({why}); training it again")
     unet = train_shapes_model(size, seed, progress, **training)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -3170,14 +3216,17 @@ def check_config(cfg):
 def check_memory(cfg, device):
     """Before loading anything, the memory some settings need for certain against the machine's: this rank's
     fields with their gradients and two Adam moments (16 bytes a parameter, counted on the meta device, so
-    nothing is allocated) and the DMTet grid (~300 bytes a cube: tets, vertices, sdf, deformation, Adam)."""
+    nothing is allocated), the DMTet grid (~300 bytes a cube: tets, vertices, sdf, deformation, Adam) and the
+    texture atlas bake_texture fills (~100 bytes a texel)."""
     with torch.device("meta"):
         params = sum(p.numel() for p in NeRFField(cfg).parameters())
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     need = [(len(my_particles(cfg)) * params * 16, f"{cfg.particles} particle(s) of {params / 1e6:.0f}M parameters",
              "fewer --particles, or torchrun over more GPUs")]
-    if cfg.mesh:
+    if cfg.mesh:  # bake_texture holds each texel's centre, cell, face and colour: ~100 bytes a texel at its peak
+        need.append((100 * cfg.texture_size ** 2, f"--texture-size {cfg.texture_size}",
+                     f"a smaller --texture-size (default {Config.texture_size})"))
         need.append((300 * cfg.tet_resolution ** 3, f"--tet-resolution {cfg.tet_resolution}",
                      f"a smaller --tet-resolution (default {Config.tet_resolution})"))
     for size, what, fix in need:
@@ -3320,8 +3369,12 @@ def main(argv=None):
     except OSError as e:  # a write that failed outside atomic_write (log.txt): full disk, quota, permissions
         print(f"prolific.py: error: {e.strerror or e}: {e.filename}; the last checkpoint is kept", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # the loops saved what they had done; say how to go on
+        folder = args.resume or out
+        if world()[0] == 0 and folder and os.path.exists(os.path.join(folder, "checkpoint.pt")):
+            print(f"\ninterrupted; resume with: python prolific.py --resume {folder}", file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
         if out is not None:

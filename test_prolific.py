@@ -1121,7 +1121,7 @@ def test_unknown_shape_class_exits_2_before_training(capsys, tmp_path, monkeypat
     assert os.listdir(tmp_path) == []                                       # no run folder, no cache, no training
 
 
-def test_shapes_model_is_cached_retrained_per_seed_and_when_corrupt(tmp_path, monkeypatch):
+def test_shapes_model_is_cached_retrained_per_seed_and_when_corrupt(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROLIFIC_CACHE", str(tmp_path))
     trained = []
     train = P.train_shapes_model
@@ -1135,8 +1135,11 @@ def test_shapes_model_is_cached_retrained_per_seed_and_when_corrupt(tmp_path, mo
     P.shapes_model(16, 0, steps=3, batch=4)                                 # other settings: trained again
     assert len(trained) == 3
     (tmp_path / "shapes-16px-seed0.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
     P.shapes_model(16, 0, **tiny)                                           # corrupt: trained, not a crash
     assert len(trained) == 4
+    notice = capsys.readouterr().out.strip().splitlines()                   # one line, without torch's advice
+    assert len(notice) == 1 and "unusable" in notice[0] and "weights_only" not in notice[0], notice
     assert torch.load(tmp_path / "shapes-16px-seed0.pt", weights_only=True)["training"]["steps"] == 2
 
 
@@ -2374,3 +2377,116 @@ def test_disk_full_and_a_second_ctrl_c_leave_no_temp_file(tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)
             finished = True
     assert finished
+
+
+# -----------------------------------------------------------------------------
+# A second hostile sweep: nothing lost, nothing silently ignored
+
+
+def test_a_full_disk_that_torch_reports_as_a_runtime_error_is_one_line(tmp_path, monkeypatch):
+    """torch's zip writer turns ENOSPC into RuntimeError("... unexpected pos ..."): one line naming the disk, no
+    temp file left, the previous checkpoint kept."""
+    fields, optims = tiny_checkpoint(tmp_path, 1)
+
+    def full_disk_save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    with pytest.raises(P.UserError, match="could not write .*checkpoint.pt: No space left on device"):
+        P.save_checkpoint(str(tmp_path), 2, fields, optims, None, None, P.rng_state())
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and P.read_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 1
+
+
+def test_2d_particles_that_turn_nan_stop_the_run_with_a_finite_checkpoint(tmp_path, monkeypatch):
+    """A non-finite gradient on theta from step 3 on: the 2D run stops there (exit 1 on the command line) instead of
+    saving NaN particles, and its checkpoint is the finite one of step 2."""
+    prior = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+    surrogate, calls = P.surrogate_loss, []
+
+    def nan_from_step_3(x0, g):
+        calls.append(1)
+        return surrogate(x0, g) * (float("nan") if len(calls) > 3 else 1.0)
+    monkeypatch.setattr(P, "surrogate_loss", nan_from_step_3)
+    cfg = P.Config(batch_2d=4, save_every=2, preview_every=1000)
+    with pytest.raises(P.TrainingStopped, match="step 3; the checkpoint of step 2"):
+        P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=8, seed=0, cfg=cfg, out=str(tmp_path))
+    state = P.read_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and torch.isfinite(state["theta"][0]).all()
+
+
+def test_a_nan_before_any_checkpoint_says_none_was_saved(tmp_path, monkeypatch):
+    backward = P.backward_through_render
+
+    def nan_gradient(field, *args, **kw):
+        backward(field, *args, **kw)
+        field.density_mlp[0].weight.grad[0, 0] = float("nan")
+    monkeypatch.setattr(P, "backward_through_render", nan_gradient)
+    with pytest.raises(P.TrainingStopped, match="step 0; no checkpoint had been saved yet"):
+        P.train_nerf(KnownScenePrior(), tiny_cfg(method="sds", steps=4, save_every=100), out=str(tmp_path))
+
+
+def test_library_arguments_that_cannot_work_are_value_errors_naming_them():
+    prior = P.GaussianMixturePrior(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+    for kw in (dict(steps=0), dict(steps=-3), dict(n_particles=0), dict(method="ancestral")):
+        with pytest.raises(ValueError, match="distill_points: .*" + next(iter(kw))):
+            P.distill_points(prior, **{**dict(n_particles=4, dim=2, steps=2), **kw})
+    for kw, name in ((dict(std=-1.0), "std"), (dict(weights=[1, -1, 1]), "weights"), (dict(weights=[1, 1]), "weights")):
+        with pytest.raises(ValueError, match=name):
+            P.GaussianMixturePrior(**{**dict(means=P.TOY_MEANS, std=0.3), **kw})
+    one, two = torch.ones(1), torch.ones(2)
+    with pytest.raises(ValueError, match="Camera.orbit: .* alike"):
+        P.Camera.orbit(one, two, one, one)
+    images = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+    for kw, name in ((dict(n_particles=0), "n_particles"), (dict(method="ancestral"), "method")):
+        with pytest.raises(ValueError, match=f"distill_images: {name}"):
+            P.distill_images(images, **{**dict(n_particles=4, shape=(2, 1, 1), steps=2), **kw})
+
+
+def test_the_toy_table_says_empty_for_a_mode_no_particle_reached():
+    prior = P.GaussianMixturePrior(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+    at_mode_0 = torch.tensor(P.TOY_MEANS[0]) + 0.1 * torch.randn(64, 2)
+    lines = P.toy_table(prior, {"collapsed": at_mode_0})
+    assert "nan" not in "\n".join(lines) and lines[1].count("(empty)") == 2 and "spread=" in lines[1]
+
+
+def test_an_out_that_is_not_a_folder_says_what_it_is(tmp_path):
+    file, dangling = tmp_path / "file", tmp_path / "dangling"
+    file.write_text("x")
+    os.symlink(tmp_path / "nowhere", dangling)
+    for out, what in ((file, "exists and is not a folder"), (dangling, "broken symbolic link"),
+                      ("/dev/null", "exists and is not a folder")):
+        with pytest.raises(P.UserError, match=what):
+            P.new_run_folder(str(out), "x")
+    assert file.read_text() == "x" and os.path.islink(dangling) and not os.path.exists(tmp_path / "nowhere")
+
+
+def test_a_texture_too_big_for_the_machine_is_refused_before_stage_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = P.main(["a blue tulip", "--model", "tiny", "--mesh", "--texture-size", "100000", "--steps", "1",
+                   "--geometry-steps", "1", "--texture-steps", "1", "--tet-resolution", "8", "--out", "run"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--texture-size 100000" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_in_stage_2_saves_it_and_prints_the_resume_command(tmp_path, monkeypatch, capsys):
+    out, config_from_args, regularisers, calls = tmp_path / "run", P.config_from_args, P.mesh_regularisers, []
+
+    def small(args):  # the tiny SD with a 4-level hash grid and 8 + 4 samples
+        return dataclasses.replace(config_from_args(args), **{k: v for k, v in TINY.items() if k != "resolution"})
+
+    def sigint_in_step_1(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return regularisers(*args)
+    monkeypatch.setattr(P, "config_from_args", small)
+    monkeypatch.setattr(P, "mesh_regularisers", sigint_in_step_1)
+    code = P.main(["a blue tulip", "--model", "tiny", "--mesh", "--steps", "2", "--resolution", "16",
+                   "--geometry-steps", "5", "--texture-steps", "2", "--tet-resolution", "12", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and f"resume with: python prolific.py --resume {out}" in err, err
+    state = P.read_checkpoint(str(out / "particle0" / "mesh_checkpoint.pt"))
+    assert state["stage"] == 2 and state["step"] == 1
