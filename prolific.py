@@ -3109,6 +3109,7 @@ def positive(kind):
 
 
 def parse_args(argv):
+    argv = list(argv)
     p = OneLineParser(description="ProlificDreamer (variational score distillation) in pure PyTorch.")
     p.add_argument("prompt", nargs="?", help='what to make, e.g. "a blue tulip"')
     mode = p.add_mutually_exclusive_group()
@@ -3147,7 +3148,29 @@ def parse_args(argv):
         p.error(f"--method {args.method} exists only with --2d")
     if args.model == "shapes" and not args.two_d and not args.resume:
         p.error("--model shapes exists only with --2d (it is an image model: python prolific.py \"a red circle\" --2d --model shapes)")
+    if args.out == "":
+        p.error("--out is empty; name a folder, or leave --out out for outputs/<prompt>-<time>/")
+    if args.resume:  # a resumed run keeps its config.json: a flag that would change it is refused, not ignored
+        changed = [flag for flag in given_flags(p, argv) if flag not in RESUME_FLAGS] + ["a prompt"] * bool(args.prompt)
+        if changed:
+            p.error(f"--resume continues {args.resume} with its own settings (its config.json); {', '.join(changed)} "
+                    f"cannot change them (--mesh and the mesh flags, --render-memory and --allow-cpu can): start a new run")
     return args
+
+
+RESUME_FLAGS = {"--resume", "--mesh", "--render-memory", "--allow-cpu", "--geometry-steps", "--texture-steps",
+                "--tet-resolution", "--texture-size", "--mesh-threshold"}  # what --resume takes with it
+
+
+def given_flags(parser, argv):
+    """The long options on a command line, spelled out in full (argparse takes unique prefixes: --ste = --steps)."""
+    flags = []
+    for token in argv:
+        name = token.split("=")[0]
+        if name.startswith("--"):
+            full = [o for a in parser._actions for o in a.option_strings if o.startswith(name)]
+            flags.append(name if name in full or len(full) != 1 else full[0])
+    return flags
 
 
 MESH_SETTINGS = ("geometry_steps", "texture_steps", "tet_resolution", "texture_size", "mesh_threshold")  # --mesh --resume takes these
@@ -3320,6 +3343,8 @@ def main(argv=None):
         device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
             cfg = load_config(args.resume)
+            if args.mesh and cfg.two_d:
+                raise UserError(f"--mesh adds the mesh stages to a stage-1 run, and {args.resume} is a --2d run")
             if args.render_memory:  # a property of this machine, not of the run
                 cfg.render_memory_gb = args.render_memory
             if args.mesh:  # --mesh --resume: add the mesh stages; mesh settings given on this command line win
@@ -3341,8 +3366,11 @@ def main(argv=None):
             run_toy(cfg, out)
         elif args.two_d:
             check_hardware(cfg, args, device)
-            if cfg.model == "shapes":
-                shape_class(cfg.prompt)  # an unknown class is an error before anything is written
+            if cfg.model == "shapes":  # an unknown class or a size the UNet cannot take: errors before any write
+                shape_class(cfg.prompt)
+                if cfg.resolution % 4:
+                    raise UserError(f"--model shapes makes pictures whose side is a multiple of 4 (its UNet halves them "
+                                    f"twice), e.g. --resolution 32; got {cfg.resolution}")
             out = make_run_folder(args.out, slug(cfg.prompt) + "-2d")
             save_config(cfg, out)
             print_written(run_2d(cfg, out, device))

@@ -2490,3 +2490,45 @@ def test_ctrl_c_in_stage_2_saves_it_and_prints_the_resume_command(tmp_path, monk
     assert code == 130 and "Traceback" not in err and f"resume with: python prolific.py --resume {out}" in err, err
     state = P.read_checkpoint(str(out / "particle0" / "mesh_checkpoint.pt"))
     assert state["stage"] == 2 and state["step"] == 1
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "20"], "--steps"), (["--ste", "20"], "--steps"), (["--seed", "3"], "--seed"),
+    (["--particles", "2"], "--particles"), (["--method", "sds"], "--method"), (["--2d"], "--2d"),
+    (["a new prompt"], "a prompt"),
+])
+def test_resume_refuses_the_settings_it_would_ignore(argv, named, tmp_path, capsys):
+    """--resume continues with the run's config.json: a flag that would change it is one line, exit 2, and
+    nothing is written (the mesh flags, --render-memory and --allow-cpu are taken; other tests run them)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    P.save_config(tiny_cfg(prompt="x", model="tiny", method="sds", steps=2), str(run))
+    before = (run / "config.json").read_text()
+    with pytest.raises(SystemExit) as stop:
+        P.main([*argv, "--resume", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and named in err[0] and "start a new run" in err[0], err
+    assert os.listdir(run) == ["config.json"] and (run / "config.json").read_text() == before
+
+
+def test_mesh_resume_of_a_2d_run_and_an_empty_out_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    P.save_config(P.Config(prompt="a hamburger", model="tiny", two_d=True), str(run))
+    (run / "checkpoint.pt").write_bytes(b"")
+    before = (run / "config.json").read_text()
+    assert P.main(["--mesh", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a --2d run" in err[0] and (run / "config.json").read_text() == before
+    with pytest.raises(SystemExit) as stop:
+        P.main(["--toy", "--out", ""])
+    assert stop.value.code == 2 and "--out is empty" in capsys.readouterr().err
+
+
+def test_a_shapes_size_the_unet_cannot_take_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROLIFIC_CACHE", str(tmp_path / "cache"))
+    assert P.main(["a red circle", "--2d", "--model", "shapes", "--resolution", "5", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiple of 4" in err[0] and "got 5" in err[0], err
+    assert os.listdir(tmp_path) == []
