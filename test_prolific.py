@@ -1275,16 +1275,16 @@ def test_bad_input_from_the_real_program():
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
-def test_unwritable_or_existing_out_exits_2(tmp_path):
+def test_unwritable_or_existing_out_exits_2(tmp_path, capsys):  # (in process, to keep the suite fast)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli("--toy", "--out", str(blocker / "sub"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot write" in r.stderr
+    code, err = P.main(["--toy", "--out", str(blocker / "sub")]), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot write" in err
     used = tmp_path / "used"
     used.mkdir()
     (used / "keep.txt").write_text("mine")
-    r = run_cli("--toy", "--out", str(used))
-    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    code, err = P.main(["--toy", "--out", str(used)]), capsys.readouterr().err
+    assert code == 2 and "refusing to overwrite" in err
     assert (used / "keep.txt").read_text() == "mine" and os.listdir(used) == ["keep.txt"]
 
 
@@ -2098,9 +2098,10 @@ def test_ctrl_c_in_stage1_writes_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert P.read_checkpoint(str(out / "checkpoint.pt"))["step"] == 2
 
 
-def test_resume_needs_a_checkpoint(tmp_path):
-    r = run_cli("--resume", str(tmp_path))
-    assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_resume_needs_a_checkpoint(tmp_path, capsys):  # (in process: the real program's one-line path is
+    code = P.main(["--resume", str(tmp_path)])          # test_bad_input_from_the_real_program's)
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint.pt" in err and len(err.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------
