@@ -1599,9 +1599,13 @@ class Run:
         with signals_held():
             yield
             self.done, self.rng = step + 1, rng_state()
-        kept = (f"the checkpoint of step {self.saved[-1]} (finite) is kept" if self.saved and self.out is not None
-                else "no checkpoint had been saved yet")
-        check_finite(step, self.watch, kept)
+        check_finite(step, self.watch, self.kept)
+
+    def kept(self):
+        """What a stopped run leaves: its last checkpoint, or none."""
+        if self.saved and self.out is not None:
+            return f"the checkpoint of step {self.saved[-1]} (finite) is kept"
+        return "no checkpoint had been saved yet"
 
     def show(self, picture=None, **info):
         """After a step: its numbers on the progress bar, and in the run folder a log line every log_every steps
@@ -1723,14 +1727,14 @@ class TrainingStopped(Exception):
     checkpoint on disk was saved before, from finite parameters."""
 
 
-def check_finite(step, params, kept="the last checkpoint (saved before, finite) is kept"):
+def check_finite(step, params, kept):
     """Stop as soon as a trainable parameter is NaN or inf, before anything saves it. (g itself is cleaned
     in distillation_grad; this catches a NaN from anywhere else: renderer, regularisers, eps_phi's step.)
-    kept: what the message says is left of the run."""
+    kept() says what is left of the run, for the message."""
     # A NaN or inf anywhere makes the sum NaN or inf (inf - inf is NaN): one reduction a tensor, one device
     # sync, 5x cheaper than isfinite().all() on the CPU (no 12M-element bool temporary).
     if params and not torch.stack([p.detach().sum() for p in params]).sum().isfinite():
-        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; {kept}")
+        raise TrainingStopped(f"the parameters became NaN or inf at step {step}; {kept()}")
 
 
 @contextlib.contextmanager
