@@ -65,15 +65,21 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
 
-from hashgrid import HashGrid
-from marching_tets import DMTet
+    from hashgrid import HashGrid
+    from marching_tets import DMTet
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): the program stops quietly, a library import raises
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 # =============================================================================
 # PART I, THE METHOD
@@ -160,6 +166,18 @@ def check_argument(ok, message):
     """A library argument that cannot work is a ValueError naming it, as numpy and torch do for theirs."""
     if not ok:
         raise ValueError(message)
+
+
+@torch.no_grad()
+def check_particles(prior, x0, who):
+    """Particles the prior cannot take are a ValueError naming their shape, not a torch error from deep inside:
+    one x0 (1, ...) goes through prior.predict_noise once, at t = 500, before any step."""
+    try:
+        eps = prior.predict_noise(x0[:1], torch.full((1,), 500, device=x0.device))
+        ok, why = eps.shape == x0[:1].shape, f"its noise prediction is {tuple(eps.shape)}"
+    except (RuntimeError, ValueError, IndexError) as e:
+        ok, why = False, (str(e).strip().splitlines() or [""])[0][:200]
+    check_argument(ok, f"{who}: the prior does not take particles of shape {tuple(x0.shape[1:])} ({why})")
 
 
 def guidance_scale(cfg, method):
@@ -1394,6 +1412,7 @@ def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr
                    f"distill_points: n_particles, dim and steps must be >= 1, got {n_particles}, {dim}, {steps}")
     torch.manual_seed(seed)
     theta = torch.randn(n_particles, dim).requires_grad_(True)  # start from the diffusion's N(0, I)
+    check_particles(prior, prior.encode(theta[:1]).detach(), "distill_points")
     opt = torch.optim.SGD([theta], lr=lr)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     eps_phi, opt_phi = None, None
@@ -1441,6 +1460,7 @@ def distill_images(prior, n_particles, shape, method="vsd", steps=5000, seed=0, 
     eps_phi, opt_phi = make_eps_phi(prior, cfg, device, (1, *shape)) if method == "vsd" else (None, None)
     torch.manual_seed(seed + 1000 * Run.rank())                              # this rank's own random stream
     theta = torch.randn(n_particles, *shape, device=device).requires_grad_(True)  # (n, C, h, w)
+    check_particles(prior, theta.detach(), "distill_images")
     opt = torch.optim.Adam([theta], lr=cfg.lr_2d)
     with Run.images(out, cfg, prior, name, method, steps, theta, opt, eps_phi, opt_phi, resume, progress) as run:
         for step in run.steps:
@@ -1529,6 +1549,26 @@ def new_run_folder(out, name):
             raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
 
 
+def lock_run_folder(path):
+    """Hold the run folder for this run (on rank 0 under torchrun): another prolific.py that would write to it,
+    a --resume while the run goes on, stops with one line. The lock is an flock on the folder itself, so it adds
+    no file and ends with the process however the process ends. Returns the descriptor to close, or None."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows: there the folder is not locked)
+        return None
+    if world()[0] != 0 or not os.path.isdir(path):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{path} is in use by another prolific.py; let that one finish or stop it (Ctrl-C), "
+                        f"then --resume") from None
+    return fd
+
+
 def forget_unstarted_run(out, made_by_default):
     """A run that stopped before its first output (a model that would not load, Ctrl-C while loading)
     leaves no config.json behind, so that the same --out can be used again."""
@@ -1610,7 +1650,8 @@ class Run:
     def show(self, picture=None, **info):
         """After a step: its numbers on the progress bar, and in the run folder a log line every log_every steps
         (and at the last, if log_last), a preview every cfg.preview_every steps (of `picture`, where the loop has
-        one) and a checkpoint every cfg.save_every steps."""
+        one) and a checkpoint every cfg.save_every steps. Ctrl-C waits for those files: a preview that the
+        checkpoint counts as done is on disk."""
         done, numbers = self.done, lambda: {k: number(v) for k, v in info.items()}
         if hasattr(self.steps, "set_postfix"):
             self.steps.set_postfix(**numbers())
@@ -1618,10 +1659,11 @@ class Run:
             return
         if self.log_every and (done % self.log_every == 0 or (self.log_last and done == self.total)):
             log(self.out, f"{self.desc} step {done} " + " ".join(f"{k} {v}" for k, v in numbers().items()))
-        if done % self.cfg.preview_every == 0:
-            self.preview(done, picture)
-        if done % self.cfg.save_every == 0 and done < self.total:
-            self.checkpoint(done)
+        with signals_held():
+            if done % self.cfg.preview_every == 0:
+                self.preview(done, picture)
+            if done % self.cfg.save_every == 0 and done < self.total:
+                self.checkpoint(done)
 
     def checkpoint(self, step):
         """Save the parameters after `step` steps, with the random state that continues them."""
@@ -1909,7 +1951,7 @@ def atomic_write(path, write):
     """write(tmp), then rename tmp -> path: a crash mid-write never leaves a broken file. A write that fails
     (disk full, an interrupt) removes its temp file, keeps the previous file, and an OSError is one line."""
     path = os.fspath(path)
-    tmp = path + ".tmp" + os.path.splitext(path)[1]  # the same extension: pillow picks the format by it
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"  # this process's; pillow reads the extension
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -2583,6 +2625,10 @@ def run_2d(cfg, out, device, resume=False):
     n = len(my_particles(cfg))                                               # this rank's particles
     size = prior.image_size
     shape = tuple(prior.encode(torch.zeros(1, 3, size, size, device=device)).shape[1:])  # (C, h, w)
+    # Before any step: the particles with their gradients and Adam moments (16 bytes a number), and their
+    # pictures, decoded and in the grid at the end (24 bytes a pixel)
+    check_fits([(cfg.particles * (16 * math.prod(shape) + 24 * size ** 2), f"--particles {cfg.particles} of "
+                 f"{size}x{size} pictures", "fewer --particles")], device)
     methods = ("vsd", "sds", "ancestral") if cfg.method == "compare" else (cfg.method,)
     checkpoint = os.path.join(out, "checkpoint.pt")
     saved = read_checkpoint(checkpoint)["method"] if resume and os.path.exists(checkpoint) else None
@@ -3247,8 +3293,6 @@ def check_memory(cfg, device):
     texture atlas bake_texture fills (~100 bytes a texel)."""
     with torch.device("meta"):
         params = sum(p.numel() for p in NeRFField(cfg).parameters())
-    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     need = [(len(my_particles(cfg)) * params * 16, f"{cfg.particles} particle(s) of {params / 1e6:.0f}M parameters",
              "fewer --particles, or torchrun over more GPUs")]
     if cfg.mesh:  # bake_texture holds each texel's centre, cell, face and colour: ~100 bytes a texel at its peak
@@ -3256,6 +3300,13 @@ def check_memory(cfg, device):
                      f"a smaller --texture-size (default {Config.texture_size})"))
         need.append((300 * cfg.tet_resolution ** 3, f"--tet-resolution {cfg.tet_resolution}",
                      f"a smaller --tet-resolution (default {Config.tet_resolution})"))
+    check_fits(need, device)
+
+
+def check_fits(need, device):
+    """[(bytes, what, fix)]: each must fit in this device's memory, or one line says what to change."""
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     for size, what, fix in need:
         if size > have:
             raise UserError(f"{what}: about {size / 2 ** 30:.3g} GiB for these alone, more than this {device.type} "
@@ -3323,6 +3374,16 @@ def load_config(out):
     return cfg
 
 
+def check_mesh_begun(saved, cfg, out):
+    """A particle whose mesh stages have begun (its folder has mesh_checkpoint.pt) keeps its DMTet: --resume
+    cannot change the grid or the threshold it was made with. Checked before config.json is rewritten."""
+    begun = sorted(str(p.relative_to(out)) for p in Path(out).glob("particle*/mesh_checkpoint.pt"))
+    for name in ("tet_resolution", "mesh_threshold"):
+        if begun and saved.mesh and getattr(cfg, name) != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: the mesh stages of {out} began with "
+                            f"{getattr(saved, name)} ({begun[0]}); resume them with that, or start a new run")
+
+
 def save_config(cfg, out):
     if world()[0] == 0:  # under torchrun rank 0 writes it
         write_json_atomic(asdict(cfg), os.path.join(out, "config.json"))
@@ -3340,22 +3401,24 @@ def interrupt(signum, frame):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, interrupt)  # a kill saves a checkpoint like Ctrl-C does
-    cfg, out = None, None
+    cfg, out, lock = None, None, None
     try:
         cfg = config_from_args(args)
         check_split(args, cfg)
         device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
+            lock = lock_run_folder(args.resume)
             cfg = load_config(args.resume)
             if args.mesh and cfg.two_d:
                 raise UserError(f"--mesh adds the mesh stages to a stage-1 run, and {args.resume} is a --2d run")
             if args.render_memory:  # a property of this machine, not of the run
                 cfg.render_memory_gb = args.render_memory
             if args.mesh:  # --mesh --resume: add the mesh stages; mesh settings given on this command line win
-                cfg.mesh = True
+                saved, cfg.mesh = copy.copy(cfg), True
                 for name in MESH_SETTINGS:
                     if getattr(args, name) is not None:
                         setattr(cfg, name, getattr(args, name))
+                check_mesh_begun(saved, cfg, args.resume)
             check_memory(cfg, device)
             check_hardware(cfg, args, device)
             if args.mesh:
@@ -3366,6 +3429,7 @@ def main(argv=None):
                 run_nerf(cfg, args.resume, device, resume=True)
         elif args.toy:
             out = make_run_folder(args.out, "toy")
+            lock = lock_run_folder(out)
             save_config(cfg, out)
             run_toy(cfg, out)
         elif args.two_d:
@@ -3376,12 +3440,14 @@ def main(argv=None):
                     raise UserError(f"--model shapes makes pictures whose side is a multiple of 4 (its UNet halves them "
                                     f"twice), e.g. --resolution 32; got {cfg.resolution}")
             out = make_run_folder(args.out, slug(cfg.prompt) + "-2d")
+            lock = lock_run_folder(out)
             save_config(cfg, out)
             print_written(run_2d(cfg, out, device))
         else:
             check_memory(cfg, device)
             check_hardware(cfg, args, device)
             out = make_run_folder(args.out, slug(cfg.prompt))
+            lock = lock_run_folder(out)
             save_config(cfg, out)
             run_nerf(cfg, out, device)
         if dist.is_initialized():  # leave together: a rank that tears down gloo while another still
@@ -3411,6 +3477,8 @@ def main(argv=None):
     finally:
         if out is not None:
             forget_unstarted_run(out, args.out is None)
+        if lock is not None:
+            os.close(lock)
         if dist.is_initialized():  # leave the process group, so that no rank waits for this one forever
             dist.destroy_process_group()
     return 0

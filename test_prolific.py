@@ -1216,7 +1216,8 @@ def test_distill_images_vsd_samples_the_prior_sds_collapses():
 @pytest.mark.parametrize("where, saved", [("eps_pretrain", 5), ("eps_phi's update", 6)])
 def test_2d_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, monkeypatch, where, saved):
     """Ctrl-C in the sixth step (step 5): in eps_pretrain it stops at once and the checkpoint holds steps
-    0-4; in the update (the particles' and eps_phi's steps) it waits until the step has landed: 0-5."""
+    0-4; in the update (the particles' and eps_phi's steps) it waits until the step has landed: 0-5.
+    (eps_pretrain's first call is check_particles', before step 0.)"""
     prior = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
     cfg = P.Config(batch_2d=4, save_every=1000, preview_every=1000)
     straight = P.distill_images(prior, 8, (2, 1, 1), "vsd", steps=12, seed=3, cfg=cfg)
@@ -1225,7 +1226,7 @@ def test_2d_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, monkeypatc
     def sixth_call_interrupts(f):
         def wrapped(*args, **kw):
             calls.append(1)
-            if len(calls) == 6:
+            if len(calls) == 6 + (where == "eps_pretrain"):
                 os.kill(os.getpid(), signal.SIGINT)
             return f(*args, **kw)
         return wrapped
@@ -2179,13 +2180,14 @@ def test_ctrl_c_in_the_update_in_a_preview_or_in_the_turntable_resumes_exactly(t
         def save(image, path):
             if path.endswith(name) and not stop.get(name):
                 stop[name] = True
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
             save_image(image, path)
         monkeypatch.setattr(P, "save_image", save)
     interrupt_at("step_000004.png")                                       # a preview: steps 0-3 are done
     with pytest.raises(KeyboardInterrupt):
         P.train_nerf(KnownScenePrior(), cfg, out=str(b), resume=True)
     assert P.read_checkpoint(str(b / "checkpoint.pt"))["step"] == 4
+    assert (b / "previews" / "step_000004.png").exists()                  # written before it stopped (sweep 2, 15)
     interrupt_at("frame_005.png")                                         # the final turntable
     with pytest.raises(KeyboardInterrupt):
         P.train_nerf(KnownScenePrior(), cfg, out=str(b), resume=True)
@@ -2356,7 +2358,7 @@ def test_checkpoint_carrying_code_is_refused_and_never_run(tmp_path, capsys):
 
 def test_disk_full_and_a_second_ctrl_c_leave_no_temp_file(tmp_path, monkeypatch):
     fields, optims = tiny_checkpoint(tmp_path, 1)
-    tmp = tmp_path / "checkpoint.pt.tmp.pt"
+    tmp = tmp_path / f"checkpoint.pt.tmp{os.getpid()}.pt"  # this process's own temp name (sweep 2, item 3)
     if os.path.exists("/dev/full"):  # item 15: every write fails with ENOSPC
         os.symlink("/dev/full", tmp)
         with pytest.raises(P.UserError, match="could not write .*checkpoint.pt: No space left on device"):
@@ -2439,7 +2441,11 @@ def test_library_arguments_that_cannot_work_are_value_errors_naming_them():
     one, two = torch.ones(1), torch.ones(2)
     with pytest.raises(ValueError, match="Camera.orbit: .* alike"):
         P.Camera.orbit(one, two, one, one)
+    with pytest.raises(ValueError, match=r"distill_points: the prior does not take particles of shape \(3,\)"):
+        P.distill_points(prior, n_particles=4, dim=3, steps=2)              # the toy's points are 2D
     images = PointsAsImages(P.TOY_MEANS, P.TOY_STD, P.TOY_WEIGHTS)
+    with pytest.raises(ValueError, match=r"distill_images: the prior does not take particles of shape \(3, 4, 4\)"):
+        P.distill_images(images, n_particles=4, shape=(3, 4, 4), steps=2)
     for kw, name in ((dict(n_particles=0), "n_particles"), (dict(method="ancestral"), "method")):
         with pytest.raises(ValueError, match=f"distill_images: {name}"):
             P.distill_images(images, **{**dict(n_particles=4, shape=(2, 1, 1), steps=2), **kw})
@@ -2533,3 +2539,48 @@ def test_a_shapes_size_the_unet_cannot_take_is_one_line_before_anything_is_writt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiple of 4" in err[0] and "got 5" in err[0], err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_folder_in_use_is_locked(tmp_path, capsys, monkeypatch):
+    """A second prolific.py that would write to a run folder while its run goes on (here: a --resume from inside
+    the running toy) stops with one line; when the run ends the folder is free."""
+    out, inner = tmp_path / "toy", []
+
+    def toy_meanwhile(cfg, folder):
+        P.save_config(cfg, folder)
+        (P.Path(folder) / "checkpoint.pt").write_bytes(b"")
+        inner.append(P.main(["--resume", folder]))
+        inner.append(capsys.readouterr().err)
+    monkeypatch.setattr(P, "run_toy", toy_meanwhile)
+    assert P.main(["--toy", "--out", str(out)]) == 0
+    assert inner[0] == 2 and len(inner[1].strip().splitlines()) == 1 and "in use by another prolific.py" in inner[1]
+    os.close(P.lock_run_folder(str(out)))                                   # released when the run ended
+
+
+def test_a_refused_mesh_resume_leaves_config_json_as_it_was(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    (run / "particle0").mkdir(parents=True)
+    P.save_config(P.Config(prompt="x", model="tiny", mesh=True, tet_resolution=16), str(run))
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "particle0" / "mesh_checkpoint.pt").write_bytes(b"")             # stage 2 began at 16
+    before = (run / "config.json").read_text()
+    monkeypatch.setattr(P, "run_nerf", lambda *a, **k: pytest.fail("trained"))
+    err = one_line_exit_2(["--mesh", "--resume", str(run), "--tet-resolution", "20"], capsys)
+    assert "--tet-resolution 20" in err and "began with 16" in err and (run / "config.json").read_text() == before
+
+
+def test_ctrl_c_while_torch_loads_is_one_word(tmp_path):
+    """A Ctrl-C during the imports (here numpy's import raises it, as a SIGINT then would) is no traceback."""
+    (tmp_path / "numpy").mkdir()
+    (tmp_path / "numpy" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prolific.py"), "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+    assert r.returncode == 130 and r.stderr.strip() == "interrupted" and r.stdout == "", r.stderr
+
+
+def test_2d_particles_that_cannot_fit_in_memory_stop_before_any_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(P, "distill_images", lambda *a, **k: pytest.fail("trained"))
+    err = one_line_exit_2(["a hamburger", "--2d", "--model", "tiny", "--particles", str(10 ** 9),
+                           "--out", str(tmp_path / "run")], capsys)
+    assert "--particles 1000000000 of 16x16 pictures" in err and "fewer --particles" in err
+    assert os.listdir(tmp_path / "run") == []
