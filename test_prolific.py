@@ -1696,16 +1696,16 @@ def test_default_regularisers_leave_no_fog():
 
 def test_stage1_cli_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "tulip"
-    r = run_cli("a blue tulip", "--model", "tiny", "--steps", "20", "--resolution", "32", "--preview-every", "10",
-                "--save-every", "10", "--out", str(out))
+    r = run_cli("a blue tulip", "--model", "tiny", "--steps", "6", "--resolution", "16", "--preview-every", "3",
+                "--save-every", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("config.json", "log.txt", "checkpoint.pt", "previews/step_000010.png", "previews/step_000020.png",
+    for name in ("config.json", "log.txt", "checkpoint.pt", "previews/step_000003.png", "previews/step_000006.png",
                  "particle0/frames/frame_000.png"):
         assert (out / name).exists(), name
     assert list((out / "particle0").glob("turntable.*"))
-    assert "step 20" in (out / "log.txt").read_text()
-    assert json.loads((out / "config.json").read_text())["steps"] == 20
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 20
+    assert "step 6" in (out / "log.txt").read_text()
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 6
     assert P.main(["--resume", str(out)]) == 0  # a finished run resumes to nothing left to do (in process: fast)
 
 
@@ -1830,7 +1830,7 @@ def test_mesh_stage_without_surface_gives_a_clear_message():
 
 def test_mesh_cli_tiny_end_to_end(tmp_path):
     out = tmp_path / "tulip"
-    assert P.main(["a blue tulip", "--model", "tiny", "--steps", "2", "--resolution", "32", "--preview-every", "2",
+    assert P.main(["a blue tulip", "--model", "tiny", "--steps", "2", "--resolution", "16", "--preview-every", "2",
                    "--out", str(out)]) == 0                                 # stage 1 in process; the mesh stages:
     r = run_cli("--mesh", "--resume", str(out), "--geometry-steps", "2", "--texture-steps", "2", "--tet-resolution", "24",
                 "--texture-size", "256")
