@@ -342,10 +342,13 @@ class pretrained_pass:
             self.unet.enable_adapters()
 
 
-def set_guidance_scale(prior, scale):
-    """Stage 2 distils at CFG 100 (SDS), stage 3 at 7.5 (VSD): set the scale on priors that have one."""
+def set_guidance_scale(prior, scale, pictures="albedo"):
+    """Stage 2 distils normal maps at CFG 100 (SDS), stage 3 colours at 7.5 (VSD): set the scale on priors that
+    have one, and tell a prior that knows both kinds of picture (the 3D shapes model) which it is shown."""
     if hasattr(prior, "guidance"):
         prior.guidance = scale
+    if hasattr(prior, "pictures"):
+        prior.pictures = pictures
 
 
 # -----------------------------------------------------------------------------
@@ -1322,7 +1325,7 @@ def train_geometry(prior, cfg, dmtet, out=None, progress=False, state=None):
     and Laplacian regularisers; the DMTet's sdf and deformation are the parameters.
     state: a stage-2 mesh checkpoint to continue from (train_mesh has loaded its DMTet)."""
     device = prior.alphas_cumprod.device
-    set_guidance_scale(prior, cfg.cfg_sds)
+    set_guidance_scale(prior, cfg.cfg_sds, "normals")
     opt = torch.optim.Adam(dmtet.parameters(), lr=cfg.mesh_lr, betas=(0.9, 0.99), eps=1e-15)
     with Run.geometry(out, cfg, dmtet, opt, state, progress) as run:
         for step in run.steps:
@@ -2735,13 +2738,16 @@ SHAPES_GUIDANCE = (2.0, 20.0)  # CFG for VSD and ancestral sampling, and for SDS
 SHAPES_TRAINING = dict(steps=600, batch=32, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
 
 
-def shape_class(prompt):
-    """The class a prompt names: "a red circle" -> 0. One known class, or a one-line UserError."""
-    words = {w[:-1] if w.endswith("s") else w for w in re.findall(r"[a-z]+", prompt.lower())}  # "circles" too
-    hits = [k for k, name in enumerate(SHAPE_CLASSES) if set(name.split()) <= words]
+def shape_class(prompt, classes=None):
+    """The class a prompt names: "a red circle" -> 0 of SHAPE_CLASSES (the default), "a red cube" -> 1 of
+    SOLID_CLASSES. One known class, or a one-line UserError."""
+    classes = classes or SHAPE_CLASSES
+    words = {w[:-1] if w.endswith("s") else w for w in re.findall(r"[a-z]+", prompt.lower())}  # "cubes" too
+    hits = [k for k, name in enumerate(classes) if set(name.split()) <= words]
     if len(hits) != 1:
-        raise UserError(f"--model shapes draws one of these classes, and the prompt {prompt!r} names "
-                        f"{'several' if hits else 'none'}: {', '.join(SHAPE_CLASSES)}")
+        mode = "--2d --model shapes draws" if classes is SHAPE_CLASSES else "--model shapes (3D) makes"
+        raise UserError(f"{mode} one of these classes, and the prompt {prompt!r} names "
+                        f"{'several' if hits else 'none'}: {', '.join(classes)}")
     return hits[0]
 
 
@@ -2819,12 +2825,18 @@ def shapes_cache_dir():
 
 
 def shapes_model(size=32, seed=0, progress=False, **training):
-    """The trained shapes UNet for this size and seed: from the cache, or trained now and cached.
-    A cache file that cannot be read, or was trained with other settings, is trained again."""
-    hp = {**SHAPES_TRAINING, **training, "size": size, "seed": seed}
+    """The trained shapes UNet for this size and seed: from the cache, or trained now and cached."""
+    return cached_model("shapes model", "shapes", lambda hp: shapes_unet(size), train_shapes_model,
+                        {**SHAPES_TRAINING, **training}, size, seed, progress)
+
+
+def cached_model(what, name, build, train, hp, size, seed, progress):
+    """A demo model (build(hp), trained by train(size, seed, progress, **hp)) from the cache, or trained now and
+    cached. A cache file that cannot be read, or was trained with other settings, is trained again."""
+    training, hp = hp, {**hp, "size": size, "seed": seed}
     recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}  # as the checkpoint holds them
-    path = os.path.join(shapes_cache_dir(), f"shapes-{size}px-seed{seed}.pt")
-    unet = shapes_unet(size)
+    path = os.path.join(shapes_cache_dir(), f"{name}-{size}px-seed{seed}.pt")
+    unet = build(hp)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["training"] != recorded:
@@ -2832,16 +2844,16 @@ def shapes_model(size=32, seed=0, progress=False, **training):
         unet.load_state_dict(state["unet"])
         return unet.eval()
     except FileNotFoundError:
-        print(f"training the shapes model ({hp['steps']} steps, a few minutes on a CPU); it is cached in {path}")
+        print(f"training the {what} ({hp['steps']} steps, a few minutes on a CPU); it is cached in {path}")
     except Exception as e:  # (torch's own message runs to several lines, with advice that does not apply here)
         why = str(e) if isinstance(e, ValueError) else "not a model this program saved"
-        print(f"the cached shapes model {path} is unusable ({why}); training it again")
-    unet = train_shapes_model(size, seed, progress, **training)
+        print(f"the cached {what} {path} is unusable ({why}); training it again")
+    unet = train(size, seed, progress, **training)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_save({"training": recorded, "unet": unet.state_dict()}, path)
     except OSError as e:
-        print(f"could not cache the shapes model in {path} ({e.strerror}); set PROLIFIC_CACHE to a writable folder")
+        print(f"could not cache the {what} in {path} ({e.strerror}); set PROLIFIC_CACHE to a writable folder")
     return unet
 
 
@@ -2975,6 +2987,381 @@ def largest_blob(mask):
             best = torch.zeros_like(mask)
             best[tuple(torch.tensor(blob).T)] = True
     return best
+
+
+# The 3D shapes model (text -> NeRF -> mesh on a CPU). The 3D counterpart of the shapes model: pictures of a
+# sphere, a cube or a cone in one of the four colours, rendered by render_mesh (§9) from the cameras stage 1
+# draws (sample_cameras), and a UNet2DModel that learns them given the class, the camera and which kind of
+# picture it makes: the albedo on white that stages 1 and 3 render, or the normal map on white that stage 2
+# renders. It takes the camera itself (elevation, azimuth, distance, field of view), as Zero-1-to-3 and MVDream
+# condition on it, rather than SD's view words: a cube's outline turns continuously with the azimuth, and four
+# words ("front", "side", "back", "overhead") would leave the model to average the outlines within each.
+SOLID_KINDS = ("sphere", "cube", "cone")
+
+
+SOLID_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SOLID_KINDS]  # 12 classes; label 12 = no class
+
+
+PICTURES = ("albedo", "normals")  # the kinds of picture the 3D shapes model makes (set_guidance_scale says which)
+
+
+SOLIDS_TRAINING = dict(steps=1400, batch=16, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
+
+
+def solid_mesh(kind, r=0.35, segments=24):
+    """A primitive as a closed triangle mesh, counter-clockwise seen from outside, centred at the origin and
+    standing on its base (world z up): a sphere of radius r, a cube of side 1.7 r, a cone of base radius r and
+    height 2 r with its apex up. r = 0.35: seen by sample_cameras' nearest, narrowest camera the sphere fills
+    the picture's width; by the farthest, widest, a third of it. -> vertices (V, 3), faces (F, 3) long."""
+    if kind == "cube":
+        v = torch.tensor([[x, y, z] for z in (-1, 1) for y in (-1, 1) for x in (-1, 1)], dtype=torch.float32) * 0.85 * r
+        f = [[0, 2, 3], [0, 3, 1], [4, 5, 7], [4, 7, 6], [0, 1, 5], [0, 5, 4],
+             [2, 6, 7], [2, 7, 3], [0, 4, 6], [0, 6, 2], [1, 3, 7], [1, 7, 5]]
+        return v, torch.tensor(f)
+    around = torch.arange(segments) * 2 * math.pi / segments
+    ring = torch.stack([around.cos(), around.sin()], -1)                    # (S, 2)
+    nxt = (torch.arange(segments) + 1) % segments
+    if kind == "cone":                                                       # base ring, apex, base centre
+        v = torch.cat([torch.cat([r * ring, torch.full((segments, 1), -r)], 1), torch.tensor([[0.0, 0.0, r], [0.0, 0.0, -r]])])
+        k = torch.arange(segments)
+        f = torch.cat([torch.stack([k, nxt, torch.full_like(k, segments)], 1),
+                       torch.stack([k, torch.full_like(k, segments + 1), nxt], 1)])
+        return v, f
+    rings = segments // 2                                                    # sphere: latitude rings + poles
+    lat = torch.arange(1, rings) * math.pi / rings                           # (R-1,) from the north pole
+    v = torch.cat([torch.tensor([[0.0, 0.0, r]]),
+                   (r * torch.cat([lat.sin()[:, None, None] * ring[None], lat.cos()[:, None, None].expand(-1, segments, 1)], -1)).view(-1, 3),
+                   torch.tensor([[0.0, 0.0, -r]])])
+    south, f = len(v) - 1, []
+    row = lambda r: 1 + r * segments
+    for i in range(segments):
+        j = int(nxt[i])
+        f.append([0, row(0) + i, row(0) + j])
+        for r in range(rings - 2):
+            a, b, c, d = row(r) + i, row(r) + j, row(r + 1) + i, row(r + 1) + j
+            f += [[a, c, d], [a, d, b]]
+        f.append([row(rings - 2) + i, south, row(rings - 2) + j])
+    return v, torch.tensor(f)
+
+
+def render_solids(labels, pictures, cameras, size):
+    """Each label's solid (SOLID_CLASSES) seen by its camera: the albedo on white (pictures 0) or the normal map
+    on white as stage 2 shows it (pictures 1). labels, pictures (B,) long; cameras: B of them. (B,3,size,size)."""
+    out = torch.ones(len(labels), 3, size, size)
+    palette = torch.tensor(list(SHAPE_COLOURS.values())) / 255
+    colour, kind = labels // len(SOLID_KINDS), labels % len(SOLID_KINDS)
+    for k, name in enumerate(SOLID_KINDS):                                  # one render_mesh call per solid
+        idx = (kind == k).nonzero()[:, 0]
+        if len(idx) == 0:
+            continue
+        with torch.no_grad():
+            raster = render_mesh(*solid_mesh(name), Camera(*[getattr(cameras, f.name)[idx] for f in fields(Camera)]),
+                                 size, size)
+        albedo = palette[colour[idx]][:, :, None, None] * raster["mask"] + (1 - raster["mask"])
+        normals = normal_image(raster, torch.ones(len(idx), 3))
+        out[idx] = torch.where(pictures[idx].view(-1, 1, 1, 1) == 0, albedo, normals)
+    return out
+
+
+def camera_features(camera, batch, device):
+    """What the 3D shapes model knows of a camera: elevation, the azimuth's sine and cosine, distance and field
+    of view, each scaled to about [-1, 1] over sample_cameras' ranges. None (dropped): zeros. (B, 5)."""
+    if camera is None:
+        return torch.zeros(batch, 5, device=device)
+    az = torch.deg2rad(camera.azimuth)
+    return torch.stack([(camera.elevation - 17.5) / 27.5, az.sin(), az.cos(), (camera.distance - 1.25) / 0.25,
+                        (camera.fovy - 55) / 15], -1).to(device)
+
+
+class SolidsUNet(nn.Module):
+    """The 3D shapes model's network: a UNet2DModel whose time embedding gets the sum of the class's, the
+    picture kind's and the camera's embeddings (class_embed_type "identity": the sum is passed in whole)."""
+
+    def __init__(self, size, channels=SOLIDS_TRAINING["channels"]):
+        super().__init__()
+        from diffusers import UNet2DModel
+        self.unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
+                                layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
+                                up_block_types=("UpBlock2D",) * len(channels), class_embed_type="identity",
+                                norm_num_groups=8)
+        width = channels[0] * 4                                              # the time embedding's width
+        self.label = nn.Embedding(len(SOLID_CLASSES) + 1, width)
+        self.picture = nn.Embedding(len(PICTURES), width)
+        self.camera = nn.Sequential(nn.Linear(5, width), nn.SiLU(), nn.Linear(width, width))
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, x_t, t, labels, pictures, cameras):  # -> v (B, 3, H, W); cameras: (B, 5) features
+        return self.unet(x_t, t, class_labels=self.label(labels) + self.picture(pictures) + self.camera(cameras)).sample
+
+
+def train_solids_model(size, seed, progress=False, **training):
+    """train_shapes_model's loss and schedule on render_solids' pictures: a random class (dropped to "no class"
+    10% of the time), kind of picture and camera (sample_cameras, object settings) per picture."""
+    hp = {**SOLIDS_TRAINING, **training}
+    torch.manual_seed(seed)
+    net = SolidsUNet(size, hp["channels"])
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"])
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / hp["steps"])))
+    ac = shapes_scheduler().alphas_cumprod.float()
+    cfg = Config()
+    bar = progress_bar(range(hp["steps"]), progress, desc="training the 3D shapes model")
+    for step in bar:
+        b = hp["batch"]
+        labels, pictures = torch.randint(len(SOLID_CLASSES), (b,)), torch.randint(len(PICTURES), (b,))
+        cameras = sample_cameras(b, cfg, "cpu")
+        x0 = 2 * render_solids(labels, pictures, cameras, size) - 1          # (B, 3, size, size) in [-1, 1]
+        y = torch.where(torch.rand(b) < 0.1, len(SOLID_CLASSES), labels)
+        t = ((torch.arange(b) + torch.rand(1)) / b * 1000).long()
+        eps = torch.randn_like(x0)
+        v = net(add_noise(x0, t, eps, ac), t, y, pictures, camera_features(cameras, b, "cpu"))
+        loss = F.mse_loss(v, v_target(x0, t, eps, ac))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), net.parameters()):
+                e.lerp_(p, 1 - min(hp["ema"], (1 + step) / (10 + step)))
+        bar_info(bar, loss=f"{loss.item():.4f}")
+    return ema.eval()
+
+
+def solids_model(size=32, seed=0, progress=False, **training):
+    """The trained 3D shapes model for this size and seed: from the cache, or trained now and cached."""
+    hp = {**SOLIDS_TRAINING, **training}
+    return cached_model("3D shapes model", "solids", lambda hp: SolidsUNet(size, hp["channels"]), train_solids_model,
+                        hp, size, seed, progress)
+
+
+SOLIDS_SIZE = 32  # the 3D shapes model's pictures: 32 px, as the 2D model's
+
+
+# --model shapes without --2d: stage 1 and the mesh stages sized for 2 CPU cores. Flags given win.
+SOLIDS_SETTINGS = dict(
+    resolution=32, warmup_resolution=32,   # the model's pictures are 32 px: rendering more adds nothing
+    steps=1000, anneal_step=500,           # App. F anneals t at 5k of 25k steps; here at half, as measured
+    random_background=0.0,                 # the model has only seen white behind its solids
+    grid_levels=8, grid_log2_table=14, grid_max_resolution=128,  # a 32 px NeRF needs no 2048^3 detail
+    n_samples=32, n_importance=16, occupancy_resolution=32, mlp_lr=1e-2,  # as the known-scene tests: 300 steps
+    cfg_vsd=2.0, cfg_sds=20.0,             # the 2D shapes model's scales (SHAPES_GUIDANCE)
+    geometry_steps=300, texture_steps=300, tet_resolution=32, texture_size=256,
+    save_every=200, preview_every=100)
+
+
+class SolidsPrior:
+    """eps_pretrain of the 3D shapes model for one class, with CFG as ShapesPrior has it, for the camera it is
+    given and the kind of picture set_guidance_scale last named (albedo until then)."""
+
+    def __init__(self, net, label, guidance, device):
+        self.unet = net.to(device).requires_grad_(False).eval()
+        self.label, self.guidance, self.device, self.pictures = label, guidance, device, "albedo"
+        self.image_size = net.config.sample_size
+        self.scheduler_config = shapes_scheduler().config
+        self.alphas_cumprod = shapes_scheduler().alphas_cumprod.float().to(device)
+
+    def encode(self, images):
+        x = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    def decode(self, x):
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def eps_phi(self, cfg):
+        """Its variational score: a LoRA of this network that sees the camera too (SolidsLoRA)."""
+        return SolidsLoRA(self, cfg.lora_rank, cfg.camera_dropout)
+
+    def condition(self, label, batch, camera, device):
+        pictures = torch.full((batch,), PICTURES.index(self.pictures), device=device)
+        return torch.full((batch,), label, device=device), pictures, camera_features(camera, batch, device)
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, camera=None):
+        b = len(x_t)
+        cond = self.condition(self.label, b, camera, x_t.device)
+        uncond = self.condition(len(SOLID_CLASSES), b, camera, x_t.device)  # the camera stays (as MVDream's CFG)
+        v_cond, v_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     *[torch.cat(pair) for pair in zip(cond, uncond)]).chunk(2)
+        v, a = v_uncond + self.guidance * (v_cond - v_uncond), self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (a.sqrt() * x_t - (1 - a).sqrt() * v).clamp(-1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+class SolidsLoRA(nn.Module):
+    """eps_phi for the 3D shapes prior: ShapesLoRA's LoRA of the network, whose camera embedding also trains
+    (the paper's camera-conditioned eps_phi), the camera dropped with p = camera_dropout in Eq. (8)."""
+
+    def __init__(self, prior, rank=4, dropout=0.1, lr=1e-3):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
+        self.net = copy.deepcopy(prior.unet)
+        self.net.unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
+                                                self.net.unet)
+        for name, p in self.net.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("camera."))
+        self.prior, self.dropout, self.lr = prior, dropout, lr
+
+    def trainable(self):
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def optimizer(self):
+        return torch.optim.AdamW(self.trainable(), lr=self.lr, weight_decay=0.0)
+
+    def learning_rate(self, step):
+        return self.lr
+
+    def forward(self, x_t, t, camera, keep=None):  # v
+        labels, pictures, cams = self.prior.condition(self.prior.label, len(x_t), camera, x_t.device)
+        return self.net(x_t, t, labels, pictures, cams if keep is None else cams * keep)
+
+    @torch.no_grad()
+    def predict_noise(self, x_t, t, camera):
+        return eps_from_v(self(x_t, t, camera), x_t, self.prior.alphas_cumprod[t].view(-1, 1, 1, 1))
+
+    def loss(self, x0, camera):
+        """Eq. (8) in v-form on the detached particles, t ~ U{0..999}, the camera dropped with p = dropout."""
+        x0, ac = x0.detach(), self.prior.alphas_cumprod
+        t = torch.randint(0, 1000, (len(x0),), device=x0.device)
+        eps = torch.randn_like(x0)
+        keep = (torch.rand(len(x0), 1, device=x0.device) >= self.dropout).float()
+        return F.mse_loss(self(add_noise(x0, t, eps, ac), t, camera, keep), v_target(x0, t, eps, ac))
+
+
+# Measuring a 3D shapes run (the README's table): is the mesh the asked solid, in the asked colour, without fog?
+
+
+def read_obj_mesh(folder):
+    """mesh.obj and texture.png of a particle folder -> world (Z-up) vertices (V,3), faces (F,3), each face
+    corner's uv (F,3,2) with v down the picture, and the texture (H,W,3) in [0,1]."""
+    v, vt, f = [], [], []
+    for line in (Path(folder) / "mesh.obj").read_text().splitlines():
+        kind, *rest = line.split() or [""]
+        if kind == "v":
+            x, y, z = map(float, rest)
+            v.append((x, -z, y))                                             # Y-up -> Z-up (inverse of _y_up)
+        elif kind == "vt":
+            vt.append((float(rest[0]), 1 - float(rest[1])))
+        elif kind == "f":
+            f.append([[int(i) - 1 for i in corner.split("/")[:2]] for corner in rest])
+    f = torch.tensor(f)                                                      # (F, 3, 2): vertex, vt
+    texture = torch.from_numpy(np.array(Image.open(Path(folder) / "texture.png").convert("RGB"))).float() / 255
+    return torch.tensor(v), f[:, :, 0], torch.tensor(vt)[f[:, :, 1]], texture
+
+
+def is_watertight(faces):
+    """Every edge is shared by exactly two faces, once in each direction (closed and consistently oriented)."""
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    key = lambda e: e[:, 0] * (int(faces.max()) + 1) + e[:, 1]
+    forward, backward = key(edges), key(edges.flip(1))
+    return len(forward.unique()) == len(forward) and bool(torch.isin(backward, forward).all())
+
+
+def mesh_moments(vertices, faces):
+    """Volume and centroid of a closed mesh, from the signed tetrahedra (origin, face)."""
+    tri = vertices[faces].double()                                           # (F, 3, 3)
+    vol = torch.linalg.det(tri) / 6                                          # (F,)
+    return vol.sum().item(), ((tri.sum(1) / 4) * vol[:, None]).sum(0) / vol.sum()
+
+
+def inside_mesh(vertices, faces, columns, heights):
+    """Ray parity: for each (x, y) column (C,2) and height z (Z,), whether (x, y, z) is inside the closed mesh.
+    Each column's ray along +z crosses the faces whose xy-triangle holds it; a point is inside when an odd
+    number of crossings lie above it. -> (C, Z) bool."""
+    tri = vertices[faces].double()                                           # (F, 3, 3)
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])  # (F,)
+    out = []
+    for chunk in columns.double().split(256):
+        px, py = chunk[:, None, 0] - a[None, :, 0], chunk[:, None, 1] - a[None, :, 1]             # (c, F)
+        u = (px * (c[:, 1] - a[:, 1]) - py * (c[:, 0] - a[:, 0])) / det
+        w = (py * (b[:, 0] - a[:, 0]) - px * (b[:, 1] - a[:, 1])) / det
+        hit = (u >= 0) & (w >= 0) & (u + w <= 1) & (det.abs() > 1e-12)
+        z = a[:, 2] + u * (b[:, 2] - a[:, 2]) + w * (c[:, 2] - a[:, 2])      # (c, F)
+        above = hit[:, None, :] & (z[:, None, :] > heights.double()[None, :, None])  # (c, Z, F)
+        out.append(above.sum(-1) % 2 == 1)
+    return torch.cat(out)
+
+
+def inside_solid(kind, p, r=0.35):
+    """Whether points p (..., 3) are inside solid_mesh(kind)'s exact solid (a smooth sphere and cone)."""
+    if kind == "sphere":
+        return p.norm(dim=-1) <= r
+    if kind == "cube":
+        return p.abs().amax(-1) <= 0.85 * r
+    z = p[..., 2]
+    return (z >= -r) & (z <= r) & (p[..., :2].norm(dim=-1) <= r * (r - z) / (2 * r))
+
+
+def solid_iou(vertices, faces, n=40):
+    """IoU of the mesh with each solid (SOLID_KINDS), both moved to their centroid and scaled to unit volume,
+    the solid turned about the up axis in steps of 5 degrees (the best turn). Measured on an n^3 grid over
+    [-1, 1]^3 of the normalised frame. -> {kind: IoU}."""
+    volume, centre = mesh_moments(vertices, faces)
+    g = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1                # cell centres in [-1, 1]
+    scale = abs(volume) ** (1 / 3)
+    xy = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).view(-1, 2)
+    ours = inside_mesh(vertices, faces, xy * scale + centre[:2], g * scale + centre[2]).view(n, n, n)
+    p = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1)             # (n, n, n, 3) normalised frame
+    result = {}
+    for kind in SOLID_KINDS:
+        v_kind, c_kind = mesh_moments(*solid_mesh(kind, segments=96))
+        best = 0.0
+        for deg in range(0, 90 if kind == "cube" else 5, 5):
+            turn = math.radians(deg)
+            rot = torch.tensor([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0], [0, 0, 1]],
+                               dtype=torch.float64)
+            theirs = inside_solid(kind, p @ rot.T * v_kind ** (1 / 3) + c_kind)
+            best = max(best, ((ours & theirs).sum() / (ours | theirs).sum()).item())
+        result[kind] = best
+    return result
+
+
+def surface_colour(vertices, faces, uv, texture):
+    """The mean albedo over the surface: the texture at each face's centroid, weighted by the face's area."""
+    h, w, _ = texture.shape
+    centre = uv.mean(1)                                                      # (F, 2)
+    i = (centre[:, 1] * h).long().clamp(0, h - 1)
+    j = (centre[:, 0] * w).long().clamp(0, w - 1)
+    tri = vertices[faces]
+    area = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1) / 2
+    return (texture[i, j] * area[:, None]).sum(0) / area.sum()
+
+
+def fog_fraction(field, cfg, views=8, size=32):
+    """The share of pixels whose opacity lies between 0.1 and 0.9 in held-out views: elevation 30, azimuths
+    offset from the turntable's (which stage 1 previews), the cameras' middle distance and field of view."""
+    az = torch.linspace(-180.0, 180.0, views + 1)[:-1] + 180.0 / views
+    full = lambda v: torch.full((views,), v)
+    cams = Camera.orbit(full(30.0), az, full(sum(camera_distance(cfg)) / 2), full(55.0))
+    fog = []
+    with torch.no_grad():
+        for k in range(views):
+            o = render(field, cams[k], size, size, None, cfg.n_samples, cfg.n_importance, occupancy=field.occupancy)["opacity"]
+            fog.append(((o > 0.1) & (o < 0.9)).float().mean())
+    return torch.stack(fog).mean().item()
+
+
+def measure_solid(out):
+    """The README table's row for one --model shapes --mesh run (particle 0): watertight, the IoU with the
+    asked solid and the best other, the nearest palette colour of the surface, the fog share. -> dict."""
+    cfg = load_config(out)
+    asked = SOLID_CLASSES[shape_class(cfg.prompt, SOLID_CLASSES)].split()
+    field = NeRFField(cfg)
+    field.load_state_dict(read_checkpoint(os.path.join(out, "checkpoint.pt"))["particles"][0])
+    vertices, faces, uv, texture = read_obj_mesh(os.path.join(out, "particle0"))
+    iou = solid_iou(vertices, faces)
+    colour = surface_colour(vertices, faces, uv, texture)
+    palette = torch.tensor(list(SHAPE_COLOURS.values())) / 255
+    nearest = list(SHAPE_COLOURS)[int((palette - colour).norm(dim=1).argmin())]
+    other = max(v for k, v in iou.items() if k != asked[1])
+    fog = fog_fraction(field, cfg)
+    return dict(prompt=cfg.prompt, watertight=is_watertight(faces), iou=iou[asked[1]], other=other,
+                colour=nearest, fog=fog, passed=is_watertight(faces) and iou[asked[1]] >= 0.7 and iou[asked[1]] > other
+                and nearest == asked[0] and fog <= 0.1)
 
 
 # -----------------------------------------------------------------------------
@@ -3180,15 +3567,16 @@ def parse_args(argv):
     p.add_argument("--init", choices=INITS, default=Config.init)
     p.add_argument("--model", default=Config.model,
                    help='hub id or local diffusers folder; "tiny" / "random-sd21" build random models (no download); '
-                        '"shapes" (with --2d) a small pixel model of coloured shapes, trained on the CPU and cached')
+                        '"shapes" a small model of coloured shapes trained on the CPU and cached (with --2d: '
+                        'pictures of circles, squares, triangles; without: spheres, cubes, cones in 3D)')
     p.add_argument("--allow-cpu", action="store_true", help="start a real-model run on a machine without CUDA")
     p.add_argument("--render-memory", type=positive(float), metavar="GB",
                    help="memory one render may hold, GiB (default: a quarter of what is free); sizes the ray chunks")
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
     p.add_argument("--negative-prompt", default=Config.negative_prompt)
     p.add_argument("--seed", type=int, default=Config.seed, help="0 .. 2^63-1")
-    p.add_argument("--save-every", type=positive(int), default=Config.save_every)
-    p.add_argument("--preview-every", type=positive(int), default=Config.preview_every)
+    p.add_argument("--save-every", type=positive(int), help=f"checkpoint period, steps (default {Config.save_every})")
+    p.add_argument("--preview-every", type=positive(int), help=f"preview period, steps (default {Config.preview_every})")
     p.add_argument("--out", default=None, help="run folder (default outputs/<prompt>-<time>/)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its checkpoint")
     args = p.parse_args(argv)
@@ -3196,8 +3584,6 @@ def parse_args(argv):
         p.error("the prompt is empty; give a sentence, e.g. prolific.py \"a blue tulip\"")
     if args.method in ("ancestral", "compare") and not args.two_d:
         p.error(f"--method {args.method} exists only with --2d")
-    if args.model == "shapes" and not args.two_d and not args.resume:
-        p.error("--model shapes exists only with --2d (it is an image model: python prolific.py \"a red circle\" --2d --model shapes)")
     if args.out == "":
         p.error("--out is empty; name a folder, or leave --out out for outputs/<prompt>-<time>/")
     if args.resume:  # a resumed run keeps its config.json: a flag that would change it is refused, not ignored
@@ -3231,8 +3617,12 @@ def config_from_args(args):
     cfg = Config(prompt=(args.prompt or "").strip(), negative_prompt=args.negative_prompt,
                  method=args.method or ("compare" if shapes else Config.method), seed=args.seed, model=args.model,
                  lora_model=args.lora_model, resolution=args.resolution or (32 if shapes else Config.resolution),
-                 init=args.init, two_d=args.two_d, save_every=args.save_every, preview_every=args.preview_every,
+                 init=args.init, two_d=args.two_d, save_every=args.save_every or Config.save_every,
+                 preview_every=args.preview_every or Config.preview_every,
                  mesh=args.mesh)
+    if args.model == "shapes" and not args.two_d and not args.toy:  # 3D from the 3D shapes model, on a CPU
+        for name, value in SOLIDS_SETTINGS.items():
+            setattr(cfg, name, getattr(args, name, None) or value)  # (--resolution, --save-every, ... win)
     for name in MESH_SETTINGS:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -3329,8 +3719,12 @@ def check_hardware(cfg, args, device):
 
 
 def run_nerf(cfg, out, device, resume=False):
-    """Stage 1 from the command line: load SD, train, write turntables."""
-    prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
+    """Stage 1 from the command line: load SD (or the 3D shapes model), train, write turntables."""
+    if cfg.model == "shapes":
+        net = solids_model(SOLIDS_SIZE, cfg.seed, progress=world()[0] == 0)
+        prior = SolidsPrior(net, shape_class(cfg.prompt, SOLID_CLASSES), guidance_scale(cfg, cfg.method), device)
+    else:
+        prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
     rank0 = world()[0] == 0
     if rank0:
         announce(cfg, device, prior)
@@ -3446,6 +3840,8 @@ def main(argv=None):
         else:
             check_memory(cfg, device)
             check_hardware(cfg, args, device)
+            if cfg.model == "shapes":  # an unknown class: an error before any write
+                shape_class(cfg.prompt, SOLID_CLASSES)
             out = make_run_folder(args.out, slug(cfg.prompt))
             lock = lock_run_folder(out)
             save_config(cfg, out)

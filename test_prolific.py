@@ -2584,3 +2584,92 @@ def test_2d_particles_that_cannot_fit_in_memory_stop_before_any_step(tmp_path, c
                            "--out", str(tmp_path / "run")], capsys)
     assert "--particles 1000000000 of 16x16 pictures" in err and "fewer --particles" in err
     assert os.listdir(tmp_path / "run") == []
+
+
+# -----------------------------------------------------------------------------
+# Text to 3D on a laptop: the 3D shapes model (a camera-aware prior of solids) and the pipeline from it
+
+
+def test_solids_are_closed_and_their_renders_match_their_analytic_outlines():
+    for kind, volume in (("sphere", 4 / 3 * math.pi * 0.5 ** 3), ("cube", 0.8 ** 3), ("cone", math.pi * 0.25 / 3)):
+        v, f = P.solid_mesh(kind)
+        edges = {tuple(e) for e in torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]).tolist()}
+        assert len(edges) == 3 * len(f) and all((b, a) in edges for a, b in edges), kind  # closed, outward
+        assert abs(torch.linalg.det(v[f]).sum().item() / 6 / volume - 1) < 0.04, kind
+        assert torch.allclose(v.amax(0) + v.amin(0), torch.zeros(3)), kind           # centred
+    size, d, fovy = 64, 1.25, 55.0
+    f_px = 0.5 * size / math.tan(math.radians(fovy / 2))
+    one = lambda el, az: P.Camera.orbit(torch.tensor([el]), torch.tensor([az]), torch.tensor([d]), torch.tensor([fovy]))
+    # label = colour * 3 + kind; the area: the coverage m summed, from pixel = m colour + (1 - m) white, read
+    # in the colour's darkest channel (anti-aliased edges count by their coverage)
+    def area(label, camera):
+        colour = torch.tensor(list(P.SHAPE_COLOURS.values())[label // 3]) / 255
+        c = int(colour.argmin())
+        image = P.render_solids(torch.tensor([label]), torch.tensor([0]), camera, size)[0]
+        return ((1 - image[c]) / (1 - colour[c])).sum().item()
+    sphere = math.pi * (f_px * 0.5 / math.sqrt(d ** 2 - 0.25)) ** 2           # a disc of radius f r / sqrt(d^2 - r^2)
+    assert abs(area(0, one(30.0, 70.0)) / sphere - 1) < 0.04
+    cube = (2 * f_px * 0.4 / (d - 0.4)) ** 2                                   # its front face, seen head on
+    assert abs(area(4, one(0.0, 0.0)) / cube - 1) < 0.04
+    cone = math.pi * (f_px * 0.5 / (d + 0.5)) ** 2                            # from above: its base's disc
+    assert abs(area(8, one(89.0, 0.0)) / cone - 1) < 0.06
+    blue_cone = P.render_solids(torch.tensor([8]), torch.tensor([0]), one(89.0, 0.0), size)[0]
+    assert torch.allclose(blue_cone[:, size // 2, size // 2], torch.tensor(P.SHAPE_COLOURS["blue"]) / 255)
+
+
+def test_the_camera_and_the_kind_of_picture_reach_the_3d_shapes_model_and_its_lora():
+    torch.manual_seed(0)
+    net = P.SolidsUNet(16, (8, 8, 8))
+    for p in net.parameters():  # a random, not a zero-initialised, network: every input shows
+        p.data.normal_(0, 0.2)
+    prior = P.SolidsPrior(net, P.shape_class("a green cone", P.SOLID_CLASSES), 2.0, torch.device("cpu"))
+    assert prior.label == 5
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
+    cams = P.Camera.orbit(torch.tensor([0.0, 40.0]), torch.tensor([0.0, 90.0]), torch.ones(2), torch.full((2,), 55.0))
+    other = P.Camera.orbit(torch.tensor([0.0, 40.0]), torch.tensor([120.0, 90.0]), torch.ones(2), torch.full((2,), 55.0))
+    eps = prior.predict_noise(x, t, cams)
+    assert not torch.allclose(eps[0], prior.predict_noise(x, t, other)[0]) and torch.equal(eps[1], prior.predict_noise(x, t, other)[1])
+    P.set_guidance_scale(prior, 20.0, "normals")                            # what train_geometry says
+    assert prior.pictures == "normals" and not torch.allclose(prior.predict_noise(x, t, cams), eps)
+    P.set_guidance_scale(prior, 2.0)
+    assert torch.equal(prior.predict_noise(x, t, cams), eps)
+    lora = prior.eps_phi(P.Config())
+    names = [n for n, p in lora.net.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("camera.") for n in names) and any(n.startswith("camera.") for n in names)
+    v = lora(x, t, cams)
+    assert not torch.allclose(v, lora(x, t, other)) and not torch.allclose(v, lora(x, t, None))
+    loss = lora.loss(x, cams)
+    loss.backward()
+    assert all(p.grad is not None for p in lora.trainable())
+
+
+def test_3d_shapes_model_text_to_mesh_end_to_end_with_a_tiny_untrained_model(tmp_path, monkeypatch, capsys):
+    """The whole --model shapes 3D path (train the model on first use and cache it, stage 1, --mesh, GLB), with
+    a 2-step model so that it runs in seconds; the real demo is the opt-in test below."""
+    monkeypatch.setenv("PROLIFIC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "SOLIDS_TRAINING", dict(P.SOLIDS_TRAINING, steps=2, batch=4, channels=(8, 8, 8)))
+    out = tmp_path / "cube"
+    assert P.main(["a red cube", "--model", "shapes", "--steps", "4", "--preview-every", "2", "--mesh",
+                   "--geometry-steps", "2", "--texture-steps", "2", "--tet-resolution", "16", "--texture-size", "64",
+                   "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "training the 3D shapes model (2 steps" in said and os.listdir(tmp_path / "cache") == ["solids-32px-seed0.pt"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "shapes" and cfg["resolution"] == 32 and cfg["grid_levels"] == 8 and cfg["steps"] == 4
+    assert cfg["random_background"] == 0.0 and cfg["tet_resolution"] == 16 and cfg["geometry_steps"] == 2
+    for name in ("previews/step_000004.png", "particle0/mesh.glb", "particle0/mesh.obj", "particle0/texture.png"):
+        assert (out / name).exists(), name
+    gltf, arrays, png = read_glb(out / "particle0" / "mesh.glb")
+    assert len(arrays["indices"]) > 0 and png.size[0] == png.size[1] >= 64  # (grown to fit the faces)
+    err = one_line_exit_2(["a red circle", "--model", "shapes", "--out", str(tmp_path / "no")], capsys)
+    assert "--model shapes (3D) makes" in err and "red cube" in err and not (tmp_path / "no").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("PROLIFIC_SLOW"), reason="opt-in (PROLIFIC_SLOW=1): trains the 3D shapes "
+                    "model (~5 min on 2 cores, then cached) and runs the whole demo for one class (~5 min)")
+def test_3d_shapes_demo_makes_the_asked_solid_in_the_asked_colour(tmp_path):
+    r = run_cli("a blue cone", "--model", "shapes", "--mesh", "--out", str(tmp_path / "cone"), timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = P.measure_solid(str(tmp_path / "cone"))
+    assert m["watertight"] and m["iou"] >= 0.7 and m["iou"] > m["other"] and m["colour"] == "blue", m
+    assert m["fog"] <= 0.1, m
