@@ -3005,7 +3005,7 @@ SOLID_CLASSES = [f"{c} {k}" for c in SHAPE_COLOURS for k in SOLID_KINDS]  # 12 c
 PICTURES = ("albedo", "normals")  # the kinds of picture the 3D shapes model makes (set_guidance_scale says which)
 
 
-SOLIDS_TRAINING = dict(steps=1400, batch=16, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=2)
+SOLIDS_TRAINING = dict(steps=1400, batch=16, lr=2e-3, ema=0.995, channels=(16, 32, 64), version=3)
 
 
 def solid_mesh(kind, r=0.35, segments=24):
@@ -3063,24 +3063,31 @@ def render_solids(labels, pictures, cameras, size):
     return out
 
 
-def camera_features(camera, batch, device):
-    """What the 3D shapes model knows of a camera: elevation, the azimuth's sine and cosine, distance and field
-    of view, each scaled to about [-1, 1] over sample_cameras' ranges. None (dropped): zeros. (B, 5)."""
+def camera_condition(camera, batch, size, device):
+    """What the 3D shapes model knows of a camera: its elevation, the azimuth's sine and cosine, distance and
+    field of view, each scaled to about [-1, 1] over sample_cameras' ranges (B, 5), for the time embedding; and
+    each pixel's ray as Plücker coordinates (d, o x d) (B, 6, size, size), beside the picture's channels, as
+    3D-aware diffusion models (CAT3D, SPAD) take the camera: the numbers alone reached the model too weakly (its
+    cubes were the outline averaged over all azimuths). None (dropped): zeros."""
     if camera is None:
-        return torch.zeros(batch, 5, device=device)
+        return torch.zeros(batch, 5, device=device), torch.zeros(batch, 6, size, size, device=device)
     az = torch.deg2rad(camera.azimuth)
-    return torch.stack([(camera.elevation - 17.5) / 27.5, az.sin(), az.cos(), (camera.distance - 1.25) / 0.25,
-                        (camera.fovy - 55) / 15], -1).to(device)
+    numbers = torch.stack([(camera.elevation - 17.5) / 27.5, az.sin(), az.cos(), (camera.distance - 1.25) / 0.25,
+                           (camera.fovy - 55) / 15], -1)
+    o, d = camera_rays(camera, size, size)                                   # (B*size*size, 3) each
+    rays = torch.cat([d, torch.cross(o, d, dim=-1)], -1).view(batch, size, size, 6).permute(0, 3, 1, 2)
+    return numbers.to(device), rays.to(device)
 
 
 class SolidsUNet(nn.Module):
-    """The 3D shapes model's network: a UNet2DModel whose time embedding gets the sum of the class's, the
-    picture kind's and the camera's embeddings (class_embed_type "identity": the sum is passed in whole)."""
+    """The 3D shapes model's network: a UNet2DModel that sees the noisy picture beside its pixels' rays, and whose
+    time embedding gets the sum of the class's, the picture kind's and the camera's embeddings (class_embed_type
+    "identity": the sum is passed in whole)."""
 
     def __init__(self, size, channels=SOLIDS_TRAINING["channels"]):
         super().__init__()
         from diffusers import UNet2DModel
-        self.unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
+        self.unet = UNet2DModel(sample_size=size, in_channels=3 + 6, out_channels=3, block_out_channels=channels,
                                 layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
                                 up_block_types=("UpBlock2D",) * len(channels), class_embed_type="identity",
                                 norm_num_groups=8)
@@ -3093,8 +3100,9 @@ class SolidsUNet(nn.Module):
     def config(self):
         return self.unet.config
 
-    def forward(self, x_t, t, labels, pictures, cameras):  # -> v (B, 3, H, W); cameras: (B, 5) features
-        return self.unet(x_t, t, class_labels=self.label(labels) + self.picture(pictures) + self.camera(cameras)).sample
+    def forward(self, x_t, t, labels, pictures, numbers, rays):  # -> v (B, 3, H, W); camera_condition's two
+        embedding = self.label(labels) + self.picture(pictures) + self.camera(numbers)
+        return self.unet(torch.cat([x_t, rays], 1), t, class_labels=embedding).sample
 
 
 def train_solids_model(size, seed, progress=False, **training):
@@ -3117,7 +3125,7 @@ def train_solids_model(size, seed, progress=False, **training):
         y = torch.where(torch.rand(b) < 0.1, len(SOLID_CLASSES), labels)
         t = ((torch.arange(b) + torch.rand(1)) / b * 1000).long()
         eps = torch.randn_like(x0)
-        v = net(add_noise(x0, t, eps, ac), t, y, pictures, camera_features(cameras, b, "cpu"))
+        v = net(add_noise(x0, t, eps, ac), t, y, pictures, *camera_condition(cameras, b, size, "cpu"))
         loss = F.mse_loss(v, v_target(x0, t, eps, ac))
         opt.zero_grad()
         loss.backward()
@@ -3143,7 +3151,8 @@ SOLIDS_SIZE = 32  # the 3D shapes model's pictures: 32 px, as the 2D model's
 # --model shapes without --2d: stage 1 and the mesh stages sized for 2 CPU cores. Flags given win.
 SOLIDS_SETTINGS = dict(
     resolution=32, warmup_resolution=32,   # the model's pictures are 32 px: rendering more adds nothing
-    steps=1000, anneal_step=500,           # App. F anneals t at 5k of 25k steps; here at half, as measured
+    steps=1000, anneal_step=500,           # App. F anneals t at 5k of 25k steps; here at half
+    opaque_start=400,                      # App. F's 10k of 25k: the opacity entropy against fog
     random_background=0.0,                 # the model has only seen white behind its solids
     grid_levels=8, grid_log2_table=14, grid_max_resolution=128,  # a 32 px NeRF needs no 2048^3 detail
     n_samples=32, n_importance=16, occupancy_resolution=32, mlp_lr=1e-2,  # as the known-scene tests: 300 steps
@@ -3176,7 +3185,8 @@ class SolidsPrior:
 
     def condition(self, label, batch, camera, device):
         pictures = torch.full((batch,), PICTURES.index(self.pictures), device=device)
-        return torch.full((batch,), label, device=device), pictures, camera_features(camera, batch, device)
+        return (torch.full((batch,), label, device=device), pictures,
+                *camera_condition(camera, batch, self.image_size, device))
 
     @torch.no_grad()
     def predict_noise(self, x_t, t, camera=None):
@@ -3215,8 +3225,10 @@ class SolidsLoRA(nn.Module):
         return self.lr
 
     def forward(self, x_t, t, camera, keep=None):  # v
-        labels, pictures, cams = self.prior.condition(self.prior.label, len(x_t), camera, x_t.device)
-        return self.net(x_t, t, labels, pictures, cams if keep is None else cams * keep)
+        labels, pictures, numbers, rays = self.prior.condition(self.prior.label, len(x_t), camera, x_t.device)
+        if keep is not None:                                                 # (B, 1): 0 drops the camera
+            numbers, rays = numbers * keep, rays * keep.view(-1, 1, 1, 1)
+        return self.net(x_t, t, labels, pictures, numbers, rays)
 
     @torch.no_grad()
     def predict_noise(self, x_t, t, camera):
@@ -3253,7 +3265,14 @@ def read_obj_mesh(folder):
 
 
 def is_watertight(faces):
-    """Every edge is shared by exactly two faces, once in each direction (closed and consistently oriented)."""
+    """Closed: every edge is shared by exactly two faces."""
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values
+    counts = (edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]).unique(return_counts=True)[1]
+    return bool((counts == 2).all())
+
+
+def is_oriented(faces):
+    """Consistently oriented: every edge runs once each way (the faces of a closed mesh all face out, or all in)."""
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     key = lambda e: e[:, 0] * (int(faces.max()) + 1) + e[:, 1]
     forward, backward = key(edges), key(edges.flip(1))
@@ -3359,7 +3378,7 @@ def measure_solid(out):
     nearest = list(SHAPE_COLOURS)[int((palette - colour).norm(dim=1).argmin())]
     other = max(v for k, v in iou.items() if k != asked[1])
     fog = fog_fraction(field, cfg)
-    return dict(prompt=cfg.prompt, watertight=is_watertight(faces), iou=iou[asked[1]], other=other,
+    return dict(prompt=cfg.prompt, watertight=is_watertight(faces), oriented=is_oriented(faces), iou=iou[asked[1]], other=other,
                 colour=nearest, fog=fog, passed=is_watertight(faces) and iou[asked[1]] >= 0.7 and iou[asked[1]] > other
                 and nearest == asked[0] and fog <= 0.1)
 

@@ -2591,7 +2591,8 @@ def test_2d_particles_that_cannot_fit_in_memory_stop_before_any_step(tmp_path, c
 
 
 def test_solids_are_closed_and_their_renders_match_their_analytic_outlines():
-    for kind, volume in (("sphere", 4 / 3 * math.pi * 0.5 ** 3), ("cube", 0.8 ** 3), ("cone", math.pi * 0.25 / 3)):
+    r = 0.35
+    for kind, volume in (("sphere", 4 / 3 * math.pi * r ** 3), ("cube", (1.7 * r) ** 3), ("cone", math.pi * r ** 2 * 2 * r / 3)):
         v, f = P.solid_mesh(kind)
         edges = {tuple(e) for e in torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]).tolist()}
         assert len(edges) == 3 * len(f) and all((b, a) in edges for a, b in edges), kind  # closed, outward
@@ -2607,14 +2608,32 @@ def test_solids_are_closed_and_their_renders_match_their_analytic_outlines():
         c = int(colour.argmin())
         image = P.render_solids(torch.tensor([label]), torch.tensor([0]), camera, size)[0]
         return ((1 - image[c]) / (1 - colour[c])).sum().item()
-    sphere = math.pi * (f_px * 0.5 / math.sqrt(d ** 2 - 0.25)) ** 2           # a disc of radius f r / sqrt(d^2 - r^2)
+    sphere = math.pi * (f_px * r / math.sqrt(d ** 2 - r ** 2)) ** 2           # a disc of radius f r / sqrt(d^2 - r^2)
     assert abs(area(0, one(30.0, 70.0)) / sphere - 1) < 0.04
-    cube = (2 * f_px * 0.4 / (d - 0.4)) ** 2                                   # its front face, seen head on
+    cube = (2 * f_px * 0.85 * r / (d - 0.85 * r)) ** 2                         # its front face, seen head on
     assert abs(area(4, one(0.0, 0.0)) / cube - 1) < 0.04
-    cone = math.pi * (f_px * 0.5 / (d + 0.5)) ** 2                            # from above: its base's disc
+    cone = math.pi * (f_px * r / (d + r)) ** 2                                # from above: its base's disc
     assert abs(area(8, one(89.0, 0.0)) / cone - 1) < 0.06
     blue_cone = P.render_solids(torch.tensor([8]), torch.tensor([0]), one(89.0, 0.0), size)[0]
     assert torch.allclose(blue_cone[:, size // 2, size // 2], torch.tensor(P.SHAPE_COLOURS["blue"]) / 255)
+
+
+def test_the_3d_shapes_measures_read_the_solids_themselves():
+    """measure_solid's parts on known meshes: each solid, moved, scaled and turned, has IoU ~1 with itself and
+    less with the others; a mesh with a face missing is not watertight; the surface colour is the texture's."""
+    turn = torch.tensor([[0.8, -0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])  # about 37 degrees about z
+    for kind in P.SOLID_KINDS:
+        v, f = P.solid_mesh(kind)
+        iou = P.solid_iou(1.7 * v @ turn.T + torch.tensor([0.1, -0.2, 0.3]), f)
+        assert iou[kind] > 0.95 and max(x for k, x in iou.items() if k != kind) < 0.85, (kind, iou)
+        flipped = torch.cat([f[:1, [0, 2, 1]], f[1:]])                      # one face turned inside out
+        assert P.is_watertight(f) and not P.is_watertight(f[1:]) and P.is_watertight(flipped)
+        assert P.is_oriented(f) and not P.is_oriented(f[1:]) and not P.is_oriented(flipped)
+    v, f = P.solid_mesh("cube")
+    texture = torch.zeros(4, 4, 3)
+    texture[:, :2] = torch.tensor([1.0, 0.0, 0.0])                           # left half red, right half black
+    uv = torch.full((len(f), 3, 2), 0.25)                                    # every face reads the red half
+    assert torch.allclose(P.surface_colour(v, f, uv, texture), torch.tensor([1.0, 0.0, 0.0]))
 
 
 def test_the_camera_and_the_kind_of_picture_reach_the_3d_shapes_model_and_its_lora():
@@ -2649,13 +2668,13 @@ def test_3d_shapes_model_text_to_mesh_end_to_end_with_a_tiny_untrained_model(tmp
     monkeypatch.setenv("PROLIFIC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(P, "SOLIDS_TRAINING", dict(P.SOLIDS_TRAINING, steps=2, batch=4, channels=(8, 8, 8)))
     out = tmp_path / "cube"
-    assert P.main(["a red cube", "--model", "shapes", "--steps", "4", "--preview-every", "2", "--mesh",
+    assert P.main(["a red cube", "--model", "shapes", "--steps", "4", "--preview-every", "2", "--resolution", "16", "--mesh",
                    "--geometry-steps", "2", "--texture-steps", "2", "--tet-resolution", "16", "--texture-size", "64",
                    "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "training the 3D shapes model (2 steps" in said and os.listdir(tmp_path / "cache") == ["solids-32px-seed0.pt"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "shapes" and cfg["resolution"] == 32 and cfg["grid_levels"] == 8 and cfg["steps"] == 4
+    assert cfg["model"] == "shapes" and cfg["resolution"] == 16 and cfg["grid_levels"] == 8 and cfg["steps"] == 4
     assert cfg["random_background"] == 0.0 and cfg["tet_resolution"] == 16 and cfg["geometry_steps"] == 2
     for name in ("previews/step_000004.png", "particle0/mesh.glb", "particle0/mesh.obj", "particle0/texture.png"):
         assert (out / name).exists(), name

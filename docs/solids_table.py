@@ -30,7 +30,7 @@ def main(runs, classes):
                             "--model", "shapes", "--mesh", "--out", out], check=True)
             took = f"{(time.time() - start) / 60:.1f} min"
         m = P.measure_solid(out)
-        rows.append(f"| {name} | {'yes' if m['watertight'] else 'no'} | {m['iou']:.2f} | {m['other']:.2f} | "
+        rows.append(f"| {name} | {'yes' if m['watertight'] else 'no'}{'' if m['oriented'] else ' (a face flipped)'} | {m['iou']:.2f} | {m['other']:.2f} | "
                     f"{m['colour']} | {100 * m['fog']:.1f}% | {'pass' if m['passed'] else 'FAIL'} | {took} |")
         print(rows[-1], flush=True)
     print("\n| asked | watertight | IoU asked | IoU best other | colour | fog | | run |")
