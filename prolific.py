@@ -30,7 +30,7 @@ Contents (each line is a `# §n` header below; search for it):
     §14 Pictures: previews, turntables, grids
     §15 Many GPUs: the particles split over the processes that torchrun starts (torch.distributed)
     §16 Export: a textured mesh as OBJ (+MTL +PNG) and binary glTF (.glb)
-    §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes model
+    §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes models (2D and 3D)
     §18 Getting the weights: the Hugging Face hub, local folders, random test models
     §19 The command line (main last)
 
@@ -196,8 +196,9 @@ def guidance_scale(cfg, method):
 #   decode(x0) -> images                    for pictures of the particles
 #   guidance                                its CFG scale (stages 2 and 3 distil at different ones)
 #   eps_phi(cfg) -> an eps_phi (§4)         its own variational score; other priors get a SmallScore
-# Stable Diffusion below is the paper's prior; the Gaussian mixture is exact, for Theorem 2. The demo prior
-# of coloured shapes (Part II, §17) is a third.
+#   pictures                                "albedo" or "normals": what it is shown (set_guidance_scale)
+# Stable Diffusion below is the paper's prior; the Gaussian mixture is exact, for Theorem 2. The demo priors
+# of coloured shapes, in 2D and 3D (Part II, §17), are the others.
 
 
 def sd_alphas_cumprod():
@@ -2530,7 +2531,7 @@ def texture_size_for(n_faces, minimum):
 
 
 # -----------------------------------------------------------------------------
-# §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes model
+# §17 Demo priors and their measurements: the toy (Theorem 2), Fig. 3, the shapes models (2D and 3D)
 #
 # --- The toy: Theorem 2 on a Gaussian mixture (--toy) ---
 
