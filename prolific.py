@@ -2888,6 +2888,9 @@ class ShapesPrior:
         b = len(x_t)
         y = torch.tensor([self.label] * b + [len(SHAPE_CLASSES)] * b, device=x_t.device)
         v_cond, v_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), class_labels=y).sample.chunk(2)
+        return self.guided_eps(v_cond, v_uncond, x_t, t)
+
+    def guided_eps(self, v_cond, v_uncond, x_t, t):
         v, a = v_uncond + self.guidance * (v_cond - v_uncond), self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x0 = (a.sqrt() * x_t - (1 - a).sqrt() * v).clamp(-1, 1)              # the picture v implies, in range
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()                        # = eps_from_v(v) where x0 was in range
@@ -3162,23 +3165,13 @@ SOLIDS_SETTINGS = dict(
     save_every=200, preview_every=100)
 
 
-class SolidsPrior:
+class SolidsPrior(ShapesPrior):
     """eps_pretrain of the 3D shapes model for one class, with CFG as ShapesPrior has it, for the camera it is
     given and the kind of picture set_guidance_scale last named (albedo until then)."""
 
     def __init__(self, net, label, guidance, device):
-        self.unet = net.to(device).requires_grad_(False).eval()
-        self.label, self.guidance, self.device, self.pictures = label, guidance, device, "albedo"
-        self.image_size = net.config.sample_size
-        self.scheduler_config = shapes_scheduler().config
-        self.alphas_cumprod = shapes_scheduler().alphas_cumprod.float().to(device)
-
-    def encode(self, images):
-        x = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return 2 * x - 1
-
-    def decode(self, x):
-        return ((x + 1) / 2).clamp(0, 1)
+        super().__init__(net, label, guidance, device)
+        self.pictures = "albedo"
 
     def eps_phi(self, cfg):
         """Its variational score: a LoRA of this network that sees the camera too (SolidsLoRA)."""
@@ -3196,9 +3189,7 @@ class SolidsPrior:
         uncond = self.condition(len(SOLID_CLASSES), b, camera, x_t.device)  # the camera stays (as MVDream's CFG)
         v_cond, v_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                      *[torch.cat(pair) for pair in zip(cond, uncond)]).chunk(2)
-        v, a = v_uncond + self.guidance * (v_cond - v_uncond), self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x0 = (a.sqrt() * x_t - (1 - a).sqrt() * v).clamp(-1, 1)
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return self.guided_eps(v_cond, v_uncond, x_t, t)
 
 
 class SolidsLoRA(nn.Module):
