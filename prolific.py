@@ -2795,24 +2795,34 @@ def train_shapes_model(size, seed, progress=False, **training):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     unet = shapes_unet(size)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=hp["lr"])
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / hp["steps"])))
-    ac = shapes_scheduler().alphas_cumprod.float()
-    bar = progress_bar(range(hp["steps"]), progress, desc="training the shapes model")
-    for step in bar:
+
+    def draw():
         labels = torch.from_numpy(rng.integers(0, len(SHAPE_CLASSES), hp["batch"]))
         x0 = 2 * draw_shapes(labels, size, rng) - 1                          # (B, 3, size, size) in [-1, 1]
-        y = torch.where(torch.rand(len(labels)) < 0.1, len(SHAPE_CLASSES), labels)
-        t = ((torch.arange(len(x0)) + torch.rand(1)) / len(x0) * 1000).long()   # stratified: one per 1000/B
+        return x0, labels, lambda x_t, t, y: unet(x_t, t, class_labels=y).sample
+    return train_pixel_model(unet, hp, draw, len(SHAPE_CLASSES), "training the shapes model", progress)
+
+
+def train_pixel_model(net, hp, draw, no_class, desc, progress):
+    """The demo models' training loop: draw() -> (x0 (B, 3, H, W) in [-1, 1], labels (B,), v(x_t, t, y)); AdamW
+    at hp["lr"], cosine-decayed over hp["steps"]. Returns the EMA of net's weights."""
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"])
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / hp["steps"])))
+    ac = shapes_scheduler().alphas_cumprod.float()
+    bar = progress_bar(range(hp["steps"]), progress, desc=desc)
+    for step in bar:
+        x0, labels, v_of = draw()
+        y = torch.where(torch.rand(len(labels)) < 0.1, no_class, labels)
+        t = ((torch.arange(len(x0)) + torch.rand(1)) / len(x0) * 1000).long()  # stratified: one per 1000/B
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(unet(add_noise(x0, t, eps, ac), t, class_labels=y).sample, v_target(x0, t, eps, ac))
+        loss = F.mse_loss(v_of(add_noise(x0, t, eps, ac), t, y), v_target(x0, t, eps, ac))
         opt.zero_grad()
         loss.backward()
         opt.step()
         decay.step()
         with torch.no_grad():                                                # EMA, its decay ramped up at the start
-            for e, p in zip(ema.parameters(), unet.parameters()):
+            for e, p in zip(ema.parameters(), net.parameters()):
                 e.lerp_(p, 1 - min(hp["ema"], (1 + step) / (10 + step)))
         bar_info(bar, loss=f"{loss.item():.4f}")
     return ema.eval()
@@ -3110,36 +3120,19 @@ class SolidsUNet(nn.Module):
 
 
 def train_solids_model(size, seed, progress=False, **training):
-    """train_shapes_model's loss and schedule on render_solids' pictures: a random class (dropped to "no class"
-    10% of the time), kind of picture and camera (sample_cameras, object settings) per picture."""
-    hp = {**SOLIDS_TRAINING, **training}
+    """train_shapes_model's loss and schedule (train_pixel_model) on render_solids' pictures: a random class
+    (dropped to "no class" 10% of the time), kind of picture and camera (sample_cameras, object settings) each."""
+    hp, cfg = {**SOLIDS_TRAINING, **training}, Config()
     torch.manual_seed(seed)
     net = SolidsUNet(size, hp["channels"])
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"])
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / hp["steps"])))
-    ac = shapes_scheduler().alphas_cumprod.float()
-    cfg = Config()
-    bar = progress_bar(range(hp["steps"]), progress, desc="training the 3D shapes model")
-    for step in bar:
+
+    def draw():
         b = hp["batch"]
         labels, pictures = torch.randint(len(SOLID_CLASSES), (b,)), torch.randint(len(PICTURES), (b,))
         cameras = sample_cameras(b, cfg, "cpu")
         x0 = 2 * render_solids(labels, pictures, cameras, size) - 1          # (B, 3, size, size) in [-1, 1]
-        y = torch.where(torch.rand(b) < 0.1, len(SOLID_CLASSES), labels)
-        t = ((torch.arange(b) + torch.rand(1)) / b * 1000).long()
-        eps = torch.randn_like(x0)
-        v = net(add_noise(x0, t, eps, ac), t, y, pictures, *camera_condition(cameras, b, size, "cpu"))
-        loss = F.mse_loss(v, v_target(x0, t, eps, ac))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        decay.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), net.parameters()):
-                e.lerp_(p, 1 - min(hp["ema"], (1 + step) / (10 + step)))
-        bar_info(bar, loss=f"{loss.item():.4f}")
-    return ema.eval()
+        return x0, labels, lambda x_t, t, y: net(x_t, t, y, pictures, *camera_condition(cameras, b, size, "cpu"))
+    return train_pixel_model(net, hp, draw, len(SOLID_CLASSES), "training the 3D shapes model", progress)
 
 
 def solids_model(size=32, seed=0, progress=False, **training):
@@ -3186,7 +3179,7 @@ class SolidsPrior(ShapesPrior):
     def predict_noise(self, x_t, t, camera=None):
         b = len(x_t)
         cond = self.condition(self.label, b, camera, x_t.device)
-        uncond = self.condition(len(SOLID_CLASSES), b, camera, x_t.device)  # the camera stays (as MVDream's CFG)
+        uncond = (torch.full_like(cond[0], len(SOLID_CLASSES)), *cond[1:])  # the camera stays (as MVDream's CFG)
         v_cond, v_uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                      *[torch.cat(pair) for pair in zip(cond, uncond)]).chunk(2)
         return self.guided_eps(v_cond, v_uncond, x_t, t)
@@ -3369,10 +3362,10 @@ def measure_solid(out):
     palette = torch.tensor(list(SHAPE_COLOURS.values())) / 255
     nearest = list(SHAPE_COLOURS)[int((palette - colour).norm(dim=1).argmin())]
     other = max(v for k, v in iou.items() if k != asked[1])
-    fog = fog_fraction(field, cfg)
-    return dict(prompt=cfg.prompt, watertight=is_watertight(faces), oriented=is_oriented(faces), iou=iou[asked[1]], other=other,
-                colour=nearest, fog=fog, passed=is_watertight(faces) and iou[asked[1]] >= 0.7 and iou[asked[1]] > other
-                and nearest == asked[0] and fog <= 0.1)
+    fog, closed, shape = fog_fraction(field, cfg), is_watertight(faces), iou[asked[1]]
+    return dict(prompt=cfg.prompt, watertight=closed, oriented=is_oriented(faces), iou=shape, other=other,
+                colour=nearest, fog=fog, passed=closed and shape >= 0.7 and shape > other and nearest == asked[0]
+                and fog <= 0.1)
 
 
 # -----------------------------------------------------------------------------
