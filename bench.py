@@ -1,12 +1,13 @@
 """Speed and memory of ProlificDreamer's pieces, measured side by side in one run.
 
     python bench.py                              # all sections; on a CPU small sizes only (~6-12 min)
-    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip stage1
+    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip refresh stage1
     python bench.py --json rows.json             # also write the header and every row as JSON
 
 1. building blocks: HashGrid vs a naive per-level grid; marching tets; the mesh rasteriser
 2. the volume renderer: a no-grad render, and the training pattern (no-grad render + deferred backward);
-   2b. skipping empty space on vs off on a trained known-scene field: lookups per pixel, ms, peak memory, PSNR
+   2b. skipping empty space on vs off on a trained known-scene field: lookups per pixel, ms, peak memory, PSNR;
+       (refresh) the occupancy grid's refresh in training: lookups per pixel and step at 64 px, PSNR
 3. one full stage-1 VSD step with Stable-Diffusion-2.1-shaped random models, ms and peak GPU memory
 
 Every time is the median over repeats after a warm-up, with torch.cuda.synchronize around each timed
@@ -383,13 +384,15 @@ def bench_skip(device, sizes, repeats, train_steps, memory_size=512, settle=8):
     field.occupancy = prolific.OccupancyGrid(field.bound, base.occupancy_resolution, every=base.occupancy_every)
     for _ in range(settle):
         field.occupancy.refresh(field.density)
-    print(f"\n(2b: trained two known-scene fields, {train_steps} steps each, in {time.perf_counter() - t0:.0f} s; "
-          f"{base.occupancy_resolution}^3 grid {field.occupancy.mask.float().mean():.1%} visited)", flush=True)
     field = field.to(device)
-    one = torch.ones(1, device=device)
-    camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
     field.occupancy.steps.fill_((field.occupancy.warmup + 1) * base.occupancy_every)  # refreshed as past its warmup
     refresh_lookups = count_lookups(field, lambda: field.occupancy.refresh(field.density))[0] / base.occupancy_every
+    print(f"\n(2b: trained two known-scene fields, {train_steps} steps each, in {time.perf_counter() - t0:.0f} s; "
+          f"{base.occupancy_resolution}^3 grid {field.occupancy.mask.float().mean():.1%} visited, "
+          f"{(field.occupancy.rho >= field.occupancy.threshold).float().mean():.1%} occupied; a refresh looks up "
+          f"{refresh_lookups * base.occupancy_every / base.occupancy_resolution**3:.1%} of the cells)", flush=True)
+    one = torch.ones(1, device=device)
+    camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
     refresh_ms = median_ms({"refresh": lambda: field.occupancy.refresh(field.density)}, device, repeats)["refresh"]
     rows = []
     for size in sizes:
