@@ -723,8 +723,8 @@ class OccupancyGrid(nn.Module):
     among the occupied cells (nerfacc: all of them, or R^3/4 drawn from them when there are more). We take their
     quarter, drawn as each cell with probability `share`, and look at every occupied cell once (no repeats, no
     cap). Our warmup is 8 refreshes, 128 steps at the default 16, half theirs: our field starts from the Sec. 4.2
-    blob, not from random weights, and with 128 the tests' and the benchmark's short runs (150-300 steps) spend
-    most of their refreshes past it; a 25k-step run spends 0.5% of its steps in it either way. A cell the
+    blob, not from random weights, and the short runs of the tests and the benchmark (160-300 steps) get past
+    it; a 25k-step run spends 0.5% of its steps in it either way. A cell the
     refresh does not look at keeps its rho, as in nerfacc (Instant-NGP decays every cell: max(decay rho, 0) where
     it drew no sample). The difference would not show: every occupied cell is looked at, so the others are
     empty, and an empty cell's rho never decides anything (max(decay rho, sigma) reaches the threshold exactly
