@@ -3,11 +3,13 @@
     python bench.py                              # all sections; on a CPU small sizes only (~6-12 min)
     python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip stage1
     python bench.py --json rows.json             # also write the header and every row as JSON
+    python bench.py --gpu-check                  # the first command on a GPU (section 4; about 8 minutes)
 
 1. building blocks: HashGrid vs a naive per-level grid; marching tets; the mesh rasteriser
 2. the volume renderer: a no-grad render, and the training pattern (no-grad render + deferred backward);
    2b. skipping empty space on vs off on a trained known-scene field: lookups per pixel, ms, peak memory, PSNR
 3. one full stage-1 VSD step with Stable-Diffusion-2.1-shaped random models, ms and peak GPU memory
+4. --gpu-check: short runs of every mode with random SD models, torchrun, a 512-px step, the test suite
 
 Every time is the median over repeats after a warm-up, with torch.cuda.synchronize around each timed
 call on a GPU. Peak memory is torch.cuda.max_memory_allocated (and _reserved, closer to what nvidia-smi
@@ -18,12 +20,18 @@ interleaved).
 """
 import argparse
 import gc
+import glob
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -517,6 +525,79 @@ def bench_stage1(device, resolutions, steps, warmup, lora_models):
 
 
 # -----------------------------------------------------------------------------
+# 4. The first command on a GPU: `python bench.py --gpu-check` (at most about 8 minutes)
+
+
+def gpu_check(device, model="random-sd21", scale=1.0, budget=470):
+    """What no CPU could show, in one command and one table, within `budget` seconds: a few hundred steps of
+    stage 1 + the mesh stages and of --2d with random SD models in fp16 (exit 0, outputs written, logs
+    finite); torchrun with one process per GPU; a stage-1 step at 512 px with SD-2.1-shaped models (ms, peak
+    memory); the test suite on this machine, with what time is left. scale shrinks the step counts and
+    model picks the random model, for a rehearsal on a CPU (--model tiny, without the 512-px step and the suite)."""
+    folder, rows, deadline = tempfile.mkdtemp(prefix="gpu-check-"), [], time.perf_counter() + budget
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    here, py = os.path.dirname(os.path.abspath(__file__)), sys.executable
+    steps = lambda n: str(max(2, int(n * scale)))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2
+
+    def check(name, command, timeout, outputs=(), figures=lambda run: ""):
+        start, timeout = time.perf_counter(), max(1, min(timeout, deadline - time.perf_counter()))
+        try:
+            run = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=timeout)
+            code, last = run.returncode, ((run.stdout + run.stderr).strip().splitlines() or [""])[-1]
+        except subprocess.TimeoutExpired:
+            run, code, last = None, f"timeout ({timeout:.0f} s)", ""
+        missing = [o for o in outputs if not glob.glob(os.path.join(folder, o))]
+        ok = code == 0 and not missing
+        note = figures(run) if ok else (f"exit {code}" + (f"; missing {', '.join(missing)}" if missing else "")
+                                        + (f": {last[-100:]}" if last else ""))
+        rows.append(dict(section="gpu-check", check=name, result="ok" if ok else "FAIL",
+                         seconds=time.perf_counter() - start, figures=note))
+        print(f"  {name}: {rows[-1]['result']} ({rows[-1]['seconds']:.0f} s) {note}", flush=True)
+
+    def finite_log(out):  # every number stage 1, the 2D mode and the mesh stages logged is finite
+        def figures(run):
+            text = "".join(Path(p).read_text() for p in glob.glob(os.path.join(folder, out, "**", "log.txt"), recursive=True))
+            bad = len(re.findall(r"\b(nan|inf)\b", text, re.I))
+            return f"{len(text.splitlines())} log lines, " + ("all finite" if not bad else f"{bad} NaN/inf")
+        return figures
+
+    run_prolific = [py, "prolific.py", "--model", model, "--device", device.type]
+    check(f"stage 1 + mesh, {model}", [*run_prolific, "a blue tulip", "--mesh", "--steps", steps(300),
+                                       "--geometry-steps", steps(100), "--texture-steps", steps(100),
+                                       "--tet-resolution", "64", "--texture-size", "512", "--save-every", steps(100),
+                                       "--preview-every", steps(100), "--out", os.path.join(folder, "mesh")], 150,
+          ["mesh/checkpoint.pt", "mesh/particle0/turntable.*", "mesh/particle0/mesh.glb"], finite_log("mesh"))
+    check(f"--2d, {model}", [*run_prolific, "a hamburger", "--2d", "--steps", steps(200), "--particles", "4",
+                             "--out", os.path.join(folder, "2d")], 90, ["2d/particles.png"], finite_log("2d"))
+    check(f"torchrun, {gpus} process(es)", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
+                                            *run_prolific[1:], "a blue tulip", "--steps", steps(50),
+                                            "--particles", str(gpus), "--out", os.path.join(folder, "torchrun")], 90,
+          ["torchrun/checkpoint.pt", *[f"torchrun/particle{k}/turntable.*" for k in range(gpus)]],
+          finite_log("torchrun"))
+    bench_json = os.path.join(folder, "bench.json")
+    if model != "random-sd21":  # a rehearsal: the 512-px step (minutes on a CPU) and the suite are left out
+        return rows
+    check("stage-1 step at 512, SD-2.1-shaped", [py, "bench.py", "--only", "stage1", "--stage1-res", "512",
+                                                 "--stage1-lora", "default", "--device", device.type,
+                                                 "--json", bench_json], 120, ["bench.json"],
+          lambda run: stage1_figures(bench_json))
+    check("test suite", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_prolific.py"], 300,
+          figures=lambda run: run.stdout.strip().splitlines()[-1])
+    print_table(f"4. GPU check on {header(device)['device_name']} (outputs in {folder})", rows, [
+        ("check", "check", "{}"), ("result", "result", "{}"), ("seconds", "s", "{:.0f}"), ("figures", "figures", "{}")])
+    return rows
+
+
+def stage1_figures(path):
+    """ms per step and peak memory of bench.json's stage-1 rows, for the GPU check's table."""
+    rows = [r for r in json.load(open(path))["rows"] if r.get("section") == "stage1"]
+    return "; ".join(f"{r['resolution']} px: {r['ms_per_step'] or 0:.0f} ms/step, peak "
+                     + ("-" if r["peak_reserved_gb"] is None else f"{r['peak_reserved_gb']:.1f} GB reserved")
+                     for r in rows)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -530,6 +611,10 @@ def main(argv=None):
     p.add_argument("--stage1-res", default=None, help="render sizes for section 3 (default CPU: 64, GPU: 64,128,256,512)")
     p.add_argument("--stage1-lora", default=None, help="lora models for section 3: default,same (default CPU: default)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the header and all rows as JSON")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the first command on a GPU: short runs of every mode, torchrun, a 512-px step, the tests")
+    p.add_argument("--model", default="random-sd21", help="--gpu-check's random model (tiny: a rehearsal on a CPU)")
+    p.add_argument("--scale", type=float, default=1.0, help="--gpu-check's step counts times this")
     args = p.parse_args(argv)
     only = args.only.split(",")
     unknown = set(only) - set(SECTIONS)
@@ -545,6 +630,9 @@ def main(argv=None):
           f"{info['diffusers']}; {info['threads']} torch threads, {info['cpu_count']} CPUs, "
           f"load average {info['load_average']}; {info['date']}")
     rows, start = [], time.perf_counter()
+    if args.gpu_check:
+        rows += gpu_check(device, args.model, args.scale)
+        only = []
     if "hashgrid" in only:
         rows += bench_hashgrid(device, [2**16, 2**18, 2**20] if gpu else [2**16, 2**18], repeats=10 if gpu else 3)
     if "tets" in only:
