@@ -554,7 +554,7 @@ class StepTracker(MemTracker):
     """MemTracker with two changes for frozen diffusion models (torch 2.13): it hooks every parameter of a module
     it meets for its gradient, which raises on a frozen one, so only modules whose parameters all train are hooked
     (the LoRA layers, the camera MLP); and it keeps only the global peak (its per-module snapshots at every op
-    made a step 20x slower). It also notes which attention ops ran."""
+    made a step over 10x slower). It also notes which attention ops ran."""
 
     def __init__(self):
         super().__init__()
