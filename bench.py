@@ -1,40 +1,55 @@
 """Speed and memory of ProlificDreamer's pieces, measured side by side in one run.
 
-    python bench.py                              # all sections; on a CPU small sizes only (~6-12 min)
-    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip refresh stage1
+    python bench.py                              # all sections; on a CPU small sizes only (~6-12 min, mem 2-3 more)
+    python bench.py --only hashgrid,render       # some sections: hashgrid tets raster render skip refresh stage1 mem
     python bench.py --json rows.json             # also write the header and every row as JSON
+    python bench.py --gpu-check                  # the first command on a GPU (section 5; about 8 minutes)
 
 1. building blocks: HashGrid vs a naive per-level grid; marching tets; the mesh rasteriser
 2. the volume renderer: a no-grad render, and the training pattern (no-grad render + deferred backward);
    2b. skipping empty space on vs off on a trained known-scene field: lookups per pixel, ms, peak memory, PSNR;
        (refresh) the occupancy grid's refresh in training: lookups per pixel and step at 64 px, PSNR
 3. one full stage-1 VSD step with Stable-Diffusion-2.1-shaped random models, ms and peak GPU memory
+4. mem: peak GPU memory of one step of every stage, ESTIMATED without a GPU (fake tensors + MemTracker)
+5. --gpu-check: short runs of every mode with random SD models, torchrun, a 512-px step, the test suite
 
 Every time is the median over repeats after a warm-up, with torch.cuda.synchronize around each timed
 call on a GPU. Peak memory is torch.cuda.max_memory_allocated (and _reserved, closer to what nvidia-smi
-shows) after reset_peak_memory_stats; on a CPU it is not measured. On a GPU the frozen models are fp16, as
-prolific.py makes them. These are measurements, never asserted by the tests: on a shared machine
-absolute times are noisy, so compare the ratios (taken within one run, with the compared versions
-interleaved).
+shows) after reset_peak_memory_stats; on a CPU it is not measured (section 4 estimates it). On a GPU the
+frozen models are fp16, as prolific.py makes them. These are measurements, never asserted by the tests: on
+a shared machine absolute times are noisy, so compare the ratios (taken within one run, with the compared
+versions interleaved).
 """
 import argparse
+import contextlib
 import gc
+import glob
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
 
 import prolific
 from hashgrid import HashGrid
-from marching_tets import marching_tets, tet_grid
+from marching_tets import DMTet, marching_tets, tet_grid
 
 from prolific import Camera, render_mesh
 
 PAPER_GB = {64: 17, 128: 17, 256: 18, 512: 27}  # the authors' stage-1 memory at each render size
+PAPER_MESH_GB = 17                               # and their mesh fine-tuning at 512 (App. F, both: A100, batch 1)
 GOAL_GB = 24                                     # ours: 512 px within a 24 GB card
 
 
@@ -349,18 +364,21 @@ def count_lookups(field, fn):
     return counts
 
 
+def rss_bytes(key):
+    """This process's VmRSS (now) or VmHWM (peak) in bytes, from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
+
+
 def peak_rss_child(state, cfg, on, size, grad_rgb):
     """In a fresh process: the NeRF side of one step at size px; returns its peak RSS above the RSS before, GB."""
-    def rss(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
     field = prolific.NeRFField(cfg)
     field.load_state_dict(state)
     one = torch.ones(1)
     camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
-    before = rss("VmRSS:")
+    before = rss_bytes("VmRSS:")
     nerf_step(field, cfg, camera, size, grad_rgb, on)
-    return (rss("VmHWM:") - before) / 2**30
+    return (rss_bytes("VmHWM:") - before) / 2**30
 
 
 def bench_skip(device, sizes, repeats, train_steps, memory_size=512, settle=8):
@@ -586,10 +604,483 @@ def bench_stage1(device, resolutions, steps, warmup, lora_models):
 
 
 # -----------------------------------------------------------------------------
+# 4. Peak GPU memory of one step of every stage, ESTIMATED without a GPU
+#
+# FakeTensorMode runs real code on tensors that have a shape, a dtype and a device but no data, and MemTracker
+# (torch.distributed._tools.mem_tracker) adds up, op by op, the bytes of every storage alive. So the estimates
+# below run prolific's own functions (encode, distillation_grad, surrogate_loss, eps_phi_step, decode) on
+# SD-2.1-shaped fp16 models that never hold a byte, in a few seconds each. What cannot run that way:
+#   - Fake *CUDA* tensors, in a CPU-only build of torch (2.13): indexing one (t[:, None], in diffusers' timestep
+#     embedding) asks for a CUDA device guard and raises, and a backward aborts the process. So every piece runs
+#     on fake CPU fp16 tensors. There SDPA takes its flash kernel (_scaled_dot_product_flash_attention_for_cpu),
+#     which keeps the output and the log-sum-exp for backward, as CUDA's flash and memory-efficient kernels do;
+#     the math path keeps every layer's (L, L) attention matrix instead (math_attention_gb measures it).
+#   - LoRAScore runs under CUDA autocast, which computes group_norm and layer_norm in fp32 (torch.amp's "CUDA ops
+#     that can autocast to float32"); CPU autocast keeps them in fp16, so Fp32Norms adds that back.
+#   - The renderers' data-dependent ops (nonzero, sort, unique) need real data. The NeRF renderer's figure is its
+#     own plan: prolific.SAMPLE_BYTES per sample (peak RSS measured on the CPU) in chunks from rays_per_chunk under
+#     memory_budget, every ray's 96 samples counted. The mesh stages' figure is measured: the peak RSS of their
+#     rasteriser, DMTet and texture field on the CPU, in a fresh process (mesh_side_child).
+# Not counted: the CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack (reserved - allocated),
+# so the estimates compare with torch.cuda.max_memory_allocated (section 3); nvidia-smi shows more.
+
+GB, FP16, CPU, META = 2**30, torch.float16, torch.device("cpu"), torch.device("meta")
+
+
+class StepTracker(MemTracker):
+    """MemTracker with two changes for frozen diffusion models (torch 2.13): it hooks every parameter of a module
+    it meets for its gradient, which raises on a frozen one, so only modules whose parameters all train are hooked
+    (the LoRA layers, the camera MLP); and it keeps only the global peak (its per-module snapshots at every op
+    made a step over 10x slower). It also notes which attention ops ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = set()
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        trains = all(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+
+    def _update_peak_stats(self, peak_state):
+        for device, snap in self._curr_mem_snap.items():
+            if snap["Total"] > self._peak_mem.get(device, 0):
+                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]  # e.g. _scaled_dot_product_flash_attention_for_cpu; math: _safe_softmax
+        if "scaled_dot_product" in name or name == "_safe_softmax":
+            self.attention.add(name)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def tracked(fn, *held):
+    """Run fn() under a StepTracker that counts `held` (models, optimiser) as already there. Returns fn's result,
+    the peak bytes of the rest (activations and temporaries; parameters, buffers, parameter gradients and optimiser
+    states are left out, they are counted once for the whole step), those bytes still alive at the end, and the
+    attention ops that ran."""
+    tracker = StepTracker()
+    tracker.track_external(*held)
+    with tracker:
+        out = fn()
+
+    def transient(snapshot):  # {device: {kind: bytes}}, one device here: the fake CPU
+        s = {getattr(k, "value", k): v for k, v in next(iter(snapshot.values()), {"Total": 0}).items()}
+        return s["Total"] - sum(s.get(k, 0) for k in ("Parameter", "Buffer", "Gradient", "Optstate"))
+    peak, now = (transient(tracker.get_tracker_snapshot(kind)) for kind in ("peak", "current"))
+    return out, peak, now, tracker.attention
+
+
+def attention_name(ops):
+    """The SDPA path of a set of dispatched ops, in words."""
+    names = {"_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)", "_scaled_dot_product_flash_attention":
+             "flash", "_scaled_dot_product_efficient_attention": "mem-efficient", "_safe_softmax": "math"}
+    return "+".join(sorted({names.get(op, op) for op in ops if "backward" not in op})) or "-"
+
+
+class Fp32Norms(torch.overrides.TorchFunctionMode):
+    """group_norm and layer_norm of fp16 inputs computed in fp32, as CUDA autocast does and CPU autocast does not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        norm = func in (F.group_norm, F.layer_norm)
+        up = lambda a: a.float() if norm and torch.is_tensor(a) and a.dtype == FP16 else a
+        return func(*[up(a) for a in args], **{k: up(v) for k, v in (kwargs or {}).items()})
+
+
+def cuda_autocast_on_cpu(eps_phi):
+    """LoRAScore.forward casts under torch.autocast("cuda") on a GPU and not at all on a CPU: wrap it so that its
+    fake CPU run casts as CUDA would (fp16 matmuls, convolutions and attention; fp32 norms)."""
+    forward = eps_phi.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=FP16), Fp32Norms():
+            return forward(*args, **kwargs)
+    eps_phi.forward = autocast_forward
+
+
+def fake_on(mode, device, *modules):
+    """Re-wrap every meta parameter and buffer of the modules as a fake tensor on `device`, in place. (The models
+    are built on the meta device: Module.to and .half cannot convert fake parameters, swap_tensors refuses them.)"""
+    fake = lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t, device)
+    for module in modules:
+        for m in module.modules():
+            for k, p in m._parameters.items():
+                if p is not None and p.is_meta:
+                    m._parameters[k] = nn.Parameter(fake(p), requires_grad=p.requires_grad)
+            for k, b in m._buffers.items():
+                if b is not None and b.is_meta:
+                    m._buffers[k] = fake(b)
+    return fake
+
+
+def fake_sd(lora_model, mode):
+    """prolific's StableDiffusionPrior and eps_phi (LoRAScore) as they are on CUDA, SD-2.1-shaped and fake: frozen
+    UNet and VAE in fp16, LoRA and camera MLP in fp32, the text embeddings in fp16 (the text encoder is freed in
+    __init__). eps_phi sits on a second v-prediction UNet, or with lora_model "same" on the prior's."""
+    import diffusers
+    cfg = prolific.Config(prompt="a hamburger", model="random-sd21", method="vsd", lora_model=lora_model)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # not the warning on .to(fp16) that a GPU run prints too
+    with META:
+        prior = prolific.StableDiffusionPrior(cfg, META, prolific.guidance_scale(cfg, "vsd"))
+        prior.unet.half()
+        prior.vae.half()
+        prior.dtype = FP16  # as __init__ sets it on CUDA: lora_unet makes the second UNet fp16 from it
+        eps_phi = prior.eps_phi(cfg)
+    diffusers.utils.logging.set_verbosity(verbosity)
+    fake = fake_on(mode, CPU, prior.unet, prior.vae, eps_phi)
+    prior.alphas_cumprod = fake(prior.alphas_cumprod)
+    prior.emb_plain, prior.emb_views, prior.emb_negative = (
+        fake(e.half()) for e in (prior.emb_plain, prior.emb_views, prior.emb_negative))
+    prior.device = CPU
+    cuda_autocast_on_cpu(eps_phi)
+    with mode:
+        opt_phi = eps_phi.optimizer()
+    return cfg, prior, eps_phi, opt_phi
+
+
+def nbytes(*objects):
+    """Bytes of tensors and of modules' parameters and buffers, each tensor once."""
+    seen = {}
+    for obj in objects:
+        tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else [obj]
+        seen.update((id(t), t.numel() * t.element_size()) for t in tensors)
+    return sum(seen.values())
+
+
+def trained_bytes(params, copies=3):
+    """What training adds to parameters and keeps from step to step: the gradient and Adam(W)'s two moments, 3x
+    their bytes (copies=2: the moments alone; 1: a gradient left from an earlier stage)."""
+    return copies * sum(p.numel() * p.element_size() for p in params)
+
+
+def sd_step(prior, eps_phi, opt_phi, mode, x0_of, camera=None, batch=1):
+    """The prior's side of one training step, in phases: "prior" from x0 = g(theta) (x0_of() encodes the render,
+    or picks the 2D particles) through distillation_grad to surrogate_loss's backward: the VAE's graph, the UNet
+    CFG pass, eps_phi's no-grad pass, the VAE's backward; "after" what stays of it (x0, g, dL/dx); "eps_phi" the
+    Eq. (8) step: LoRA forward + backward + AdamW. Bytes above models, gradients and optimiser states."""
+    held = [prior.unet, prior.vae] + ([eps_phi, opt_phi] if eps_phi is not None else [])
+    with mode:
+        def prior_phase():
+            x0 = x0_of()
+            t = prolific.sample_t(batch, prolific.Config.t_min, prolific.Config.t_max, CPU)
+            g = prolific.distillation_grad(prior, x0, t, torch.randn_like(x0), camera, eps_phi)
+            prolific.surrogate_loss(x0, g).backward()
+            return x0
+        x0, peak, after, attention = tracked(prior_phase, *held)
+        phases = dict(prior=peak, after=after)
+        if eps_phi is not None:
+            _, phases["eps_phi"], _, more = tracked(
+                lambda: prolific.eps_phi_step(eps_phi, opt_phi, x0, camera, 0), *held)
+            attention |= more
+    return phases, attention
+
+
+def math_attention_gb(d):
+    """GB above the models of one eps_phi step (batch 1) with SDPA held to the math path, which keeps each attention
+    layer's softmax for backward: what a GPU without flash or memory-efficient kernels would hold. d: diffusion_side."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    prior, eps_phi, opt_phi = d["prior"], d["eps_phi"], d["opt_phi"]
+    with d["mode"], sdpa_kernel(SDPBackend.MATH):
+        x0, camera = torch.randn(1, 4, 64, 64), prolific.sample_cameras(1, prolific.Config(), CPU)
+        _, peak, _, _ = tracked(lambda: prolific.eps_phi_step(eps_phi, opt_phi, x0, camera, 0),
+                                prior.unet, prior.vae, eps_phi, opt_phi)
+    return peak / GB
+
+
+def nerf_render_plan(cfg, size, budget):
+    """Bytes the stage-1 renderer holds in each phase of a step, as prolific plans them: SAMPLE_BYTES per sample,
+    every ray's n_samples + n_importance samples counted (an upper bound where empty-space skipping and early
+    termination drop samples), in chunks from rays_per_chunk. If the whole image's graph fits the budget,
+    render_for_step keeps it from the render to backward_through_render; otherwise a no-grad render, then
+    chunk-by-chunk re-renders with autograd (deferred back-propagation). `rendered` keeps its weights, depths and
+    deltas (N, S) fp32 all step, and the last step's until the new render returns."""
+    s, rays = cfg.n_samples + cfg.n_importance, size * size
+    kept = rays * s * 12
+    graph = rays * s * prolific.SAMPLE_BYTES[True]
+    if graph <= budget:
+        return dict(path="graph", render=graph + kept, prior=graph, backward=graph, eps_phi=kept)
+    chunk = lambda grad: min(rays, prolific.rays_per_chunk(budget, s, grad)) * s * prolific.SAMPLE_BYTES[grad]
+    return dict(path="deferred", render=chunk(False) + 2 * kept, prior=kept,
+                backward=chunk(True) + kept + rays * s, eps_phi=kept)  # + the (N, S) bool mask of kept samples
+
+
+def reset_peak_rss():
+    """Restart VmHWM from the current RSS (Linux: clear_refs 5); where not allowed the peak stays an upper bound."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def mesh_side_child(stage, size=512):
+    """In a fresh process: the mesh side of one stage-2 (geometry) or stage-3 (texture) step at size px, on a DMTet
+    of Config().tet_resolution holding a sphere of radius 0.5 seen from 1.25 (~115k faces, ~55% of the pixels), with
+    a fixed dL/d(image) in place of the VAE's. Returns GB over the RSS at the step's start: "held" once the image is
+    made (its graph, alive while the VAE and UNets run), "peak" the step's peak, "after" what is left after backward
+    (the gradients); and the bytes of the DMTet, the NeRF field the run keeps, the texture field, and of the
+    parameters that train."""
+    cfg = prolific.Config()
+    torch.manual_seed(0)
+    dmtet = DMTet.from_sdf(cfg.tet_resolution, lambda p: p.norm(dim=-1) - 0.5)
+    nerf = prolific.NeRFField(cfg)
+    tex = prolific.TextureField(nerf)
+    one = torch.ones(1)
+    camera = Camera.orbit(20 * one, 37 * one, 1.25 * one, 55 * one)
+    if stage == 3:
+        with torch.no_grad():
+            vertices, faces = dmtet()
+    reset_peak_rss()
+    before = rss_bytes("VmRSS:")
+    if stage == 2:  # train_geometry: the surface, its normal map and regularisers, all with autograd
+        vertices, faces = dmtet()
+        raster = render_mesh(vertices, faces, camera, size, size, smooth_normals=True)
+        image = prolific.normal_image(raster, torch.ones(1, 3))
+        consistency, laplacian = prolific.mesh_regularisers(vertices, faces)
+        extra = cfg.lambda_normal_consistency * consistency + cfg.lambda_laplacian * laplacian
+    else:  # train_texture: the frozen mesh rasterised without gradient, the texture field with it
+        with torch.no_grad():
+            raster = render_mesh(vertices, faces, camera, size, size)
+        image = prolific.texture_image(tex, raster, torch.ones(1, 3))
+        extra = 0.0
+    held = rss_bytes("VmRSS:") - before
+    ((image * 1e-3 * torch.randn_like(image)).sum() + extra).backward()
+    return dict(held=held / GB, peak=(rss_bytes("VmHWM:") - before) / GB, after=(rss_bytes("VmRSS:") - before) / GB,
+                dmtet=nbytes(dmtet), nerf=nbytes(nerf), tex=nbytes(tex),
+                trains=trained_bytes((dmtet if stage == 2 else tex).parameters(), copies=1))
+
+
+def measure_mesh_sides():
+    """mesh_side_child for stages 2 and 3, each in a fresh process whose malloc gives every block of 64 kB or more
+    its own mapping, returned on free, so that RSS follows the live tensors (by default glibc keeps freed memory of
+    up to 32 MB a block for reuse, which hides a step's peak)."""
+    import multiprocessing
+    env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        out = {}
+        for stage in (2, 3):
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                out[stage] = pool.apply(mesh_side_child, (stage,))
+        return out
+    finally:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_") if env is None else os.environ.update(MALLOC_MMAP_THRESHOLD_=env)
+
+
+def mem_row(stage, size, lora, params, trained, phases, renderer, attention, paper=None, measured=None):
+    """One estimate. phases: name -> (activation bytes, renderer bytes); the step's peak is the phase where their
+    sum is largest. Parameters and what training adds to them are alive in every phase."""
+    peak_in, (act, rend) = max(phases.items(), key=lambda kv: sum(kv[1]))
+    return dict(section="mem", stage=stage, resolution=size, lora_model=lora, params_gb=params / GB,
+                grads_opt_gb=trained / GB, activations_gb=act / GB, renderer_gb=rend / GB, renderer=renderer(rend),
+                peak_in=peak_in, estimate_gb=(params + trained + act + rend) / GB, measured_gb=measured,
+                paper_gb=paper, attention=attention,
+                phases_gb={name: [round(a / GB, 3), round(r / GB, 3)] for name, (a, r) in phases.items()})
+
+
+def diffusion_side(lora):
+    """Everything the estimates need from the diffusion models with eps_phi on `lora`, run on fake tensors: the
+    phases of a VSD step on a 512-px render (stages 1 and 3: encode resizes every render to 512, so the prior's
+    side is the same at every render size), of an SDS step (stage 2), of a --2d step on 8 latent particles and of
+    its preview decode; and the models' bytes."""
+    mode = FakeTensorMode()
+    cfg, prior, eps_phi, opt_phi = fake_sd(lora, mode)
+    with mode:
+        image = torch.rand(1, 3, 512, 512).requires_grad_(True)               # the render x = g(theta, c)
+        camera = prolific.sample_cameras(1, cfg, CPU)
+        theta = torch.randn(cfg.batch_2d, 4, 64, 64).requires_grad_(True)     # --2d: 8 particles, SD latents
+    encode = lambda: prior.encode(image)
+    out = dict(prior=prior, eps_phi=eps_phi, opt_phi=opt_phi, mode=mode, theta_trained=trained_bytes([theta]))
+    out["vsd"], ops = sd_step(prior, eps_phi, opt_phi, mode, encode, camera)
+    out["sds"], _ = sd_step(prior, None, None, mode, encode, camera)
+    out["two_d"], more = sd_step(prior, eps_phi, opt_phi, mode, lambda: theta[torch.randperm(len(theta))], None,
+                                 batch=len(theta))
+    with mode:  # --2d previews decode up to 16 particles at once, every preview_every steps
+        _, out["two_d"]["preview"], _, _ = tracked(lambda: prolific.decode(prior, theta.detach()[:16]),
+                                                   prior.unet, prior.vae)
+    embeddings = (prior.emb_plain, prior.emb_views, prior.emb_negative)
+    out.update(attention=attention_name(ops | more), sd=nbytes(prior.unet, prior.vae, *embeddings),
+               models=nbytes(prior.unet, prior.vae, eps_phi, *embeddings),
+               lora_trained=trained_bytes(eps_phi.trainable()))
+    return out
+
+
+def mem_rows(lora, d, mesh, field, card_gb, measured):
+    """The estimates with eps_phi on `lora`: stage 1 at 64..512 px, stage 2 (once, it has no eps_phi), stage 3,
+    --2d. d: diffusion_side(lora); mesh: measure_mesh_sides(); field: a stage-1 NeRFField (on meta)."""
+    base, vsd, rows = prolific.Config(), d["vsd"], []
+    nerf_trained = list(field.parameters())
+    # Stage 1 (train_nerf). The render's budget: memory_budget on CUDA, a quarter of what is free, which at the
+    # start of a step is the card less what stays from step to step (models, field, what training adds).
+    params, trained = d["models"] + nbytes(field), d["lora_trained"] + trained_bytes(nerf_trained)
+    budget = base.render_memory_gb * GB or (card_gb * GB - params - trained) // 4
+    for size in (64, 128, 256, 512):
+        plan = nerf_render_plan(base, size, budget)
+        phases = {"render": (0, plan["render"]), "prior": (vsd["prior"], plan["prior"]),
+                  "render bwd": (vsd["after"], plan["backward"]), "eps_phi": (vsd["eps_phi"], plan["eps_phi"])}
+        rows.append(mem_row("1 NeRF, VSD", size, lora, params, trained, phases,
+                            lambda b, path=plan["path"]: f"{b / GB:.2f} ({budget / GB:.1f}, {path})",
+                            d["attention"], PAPER_GB[size], measured.get((lora, size))))
+    # Stages 2-3 (train_mesh). run_mesh keeps the stage-1 field and its last gradient. The gradient of what a mesh
+    # stage trains is inside the measured mesh figure; its Adam moments are counted here.
+    was = lambda b: f"{b / GB:.2f} (measured)"
+    m2, m3 = mesh[2], mesh[3]
+    if lora == "default":  # stage 2: SDS, no eps_phi: the prior's UNet and VAE only
+        rows.append(mem_row("2 geometry, SDS", 512, "-", d["sd"] + m2["dmtet"] + m2["nerf"],
+                            2 * m2["trains"] + trained_bytes(nerf_trained, 1),
+                            {"prior": (d["sds"]["prior"], m2["held"] * GB),
+                             "mesh bwd": (d["sds"]["after"], m2["peak"] * GB)}, was, d["attention"], PAPER_MESH_GB))
+    # stage 3: VSD with a fresh eps_phi, the prior's side as in stage 1; the DMTet frozen with stage 2's last gradient
+    rows.append(mem_row("3 texture, VSD", 512, lora, d["models"] + m2["dmtet"] + m3["nerf"] + m3["tex"],
+                        d["lora_trained"] + 2 * m3["trains"] + m2["trains"] + trained_bytes(nerf_trained, 1),
+                        {"prior": (vsd["prior"], m3["held"] * GB), "mesh bwd": (vsd["after"], m3["peak"] * GB),
+                         "eps_phi": (vsd["eps_phi"], m3["after"] * GB)}, was, d["attention"], PAPER_MESH_GB))
+    # --2d (distill_images): the particles are latents, no VAE in the step, batch 8 through both UNets.
+    two_d = d["two_d"]
+    rows.append(mem_row("2D, VSD, 8 particles", 512, lora, d["models"], d["lora_trained"] + d["theta_trained"],
+                        {"prior": (two_d["prior"], 0), "eps_phi": (two_d["eps_phi"], 0),
+                         "preview": (two_d["preview"], 0)}, lambda b: "-", d["attention"]))
+    return rows
+
+
+def bench_mem(earlier_rows, card_gb):
+    """ESTIMATED peak GPU memory of one step of stage 1 (VSD on a NeRF at 64..512 px; eps_phi on a second UNet, or
+    --lora-model same), stage 2 (SDS on normal maps), stage 3 (VSD on the texture) and --2d (8 latent particles),
+    fp16 SD-2.1-shaped models on a card_gb GB card, beside the paper's figures and the real peak where this run
+    measured one (section 3 on a GPU). How: see the section's head comment."""
+    t0 = time.perf_counter()
+    measured = {(r["lora_model"], r["resolution"]): r["peak_alloc_gb"] for r in earlier_rows
+                if r["section"] == "stage1" and r.get("peak_alloc_gb") is not None}
+    mesh = measure_mesh_sides()
+    print(f"\n(mem: measured the mesh stages' rasteriser and fields in {time.perf_counter() - t0:.0f} s)", flush=True)
+    with META:
+        field = prolific.NeRFField(prolific.Config())  # a stage-1 particle: hash grid, MLPs, background, occupancy
+    rows, kernels = [], None
+    for lora in ("default", "same"):
+        d = diffusion_side(lora)
+        rows += mem_rows(lora, d, mesh, field, card_gb, measured)
+        kernels = kernels or dict(default=d["vsd"]["eps_phi"] / GB, math=math_attention_gb(d))
+    print_mem(rows, card_gb, kernels, earlier_rows)
+    print(f"  ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def print_mem(rows, card_gb, kernels, earlier_rows):
+    print_table(f"4. Peak GPU memory of one step, ESTIMATED without a GPU: fake tensors + MemTracker, fp16 "
+                f"SD-2.1-shaped models, a {card_gb:.0f} GB card", rows, [
+        ("stage", "stage", "{}"), ("resolution", "size", "{}"), ("lora_model", "lora model", "{}"),
+        ("params_gb", "params GB", "{:.2f}"), ("grads_opt_gb", "grads+opt GB", "{:.2f}"),
+        ("activations_gb", "activations GB", "{:.2f}"), ("renderer", "renderer GB (budget)", "{}"),
+        ("peak_in", "peak in", "{}"), ("estimate_gb", "estimate GB", "{:.1f}"),
+        ("measured_gb", "measured GB", "{:.1f}"), ("paper_gb", "paper GB", "{}"), ("attention", "attention", "{}")])
+    base, cpu_budget = prolific.Config(), prolific.memory_budget(CPU)
+    plan, nan = nerf_render_plan(base, 512, cpu_budget), float("nan")
+    skip = {r["skipping"]: r["peak_gb"] for r in earlier_rows if r["section"] == "skip" and r.get("peak_gb")}
+    rss = (f"section 2b of this run: skipping on {skip.get('on', nan):.2f}, off {skip.get('off', nan):.2f}"
+           if skip else "section 2b as recorded in docs/measurements.md: skipping on 1.75, off 3.28")
+    notes = [
+        "params: frozen UNet(s) and VAE fp16, LoRA + camera MLP fp32, field / DMTet / texture field, text embeddings.",
+        "grads+opt: gradients and Adam(W) moments kept from step to step. activations: the diffusion side at the",
+        "step's peak, MemTracker on fake tensors. renderer: the NeRF renderer's own plan (SAMPLE_BYTES per sample,",
+        f"all {base.n_samples}+{base.n_importance} samples of every ray, chunks under its budget: a quarter of what "
+        "the card leaves free, or --render-memory;",
+        "graph = one render with autograd, deferred = no-grad render + chunked re-render), or for the mesh stages the",
+        "measured peak RSS of rasteriser + DMTet / texture field on this CPU (a sphere, ~115k faces, 512 px).",
+        "peak in: the phase holding the most (render; prior = VAE + UNet passes + VAE backward; render/mesh bwd;",
+        "eps_phi = the LoRA step; preview = 2D decode of the particles). size: render px (2D: 64x64 latents).",
+        "attention: the SDPA kernel the fake CPU run took; CUDA's flash and mem-efficient kernels keep the same for",
+        f"backward (output + log-sum-exp). On the math path an eps_phi step holds {kernels['math']:.2f} GB above the "
+        f"models, not {kernels['default']:.2f}.",
+        "Not counted: CUDA context, cuDNN/cuBLAS workspaces, allocator slack; compare with max_memory_allocated.",
+        f"Renderer check, 512 px on this CPU (budget {cpu_budget / GB:.1f} GB): planned <= "
+        f"{max(plan['render'], plan['backward']) / GB:.2f} GB; measured peak RSS in",
+        f"{rss} GB.",
+        f"paper (App. F, A100): stage 1 {'/'.join(map(str, PAPER_GB.values()))} GB at {'/'.join(map(str, PAPER_GB))} "
+        f"px, mesh fine-tuning ~{PAPER_MESH_GB} GB at 512."]
+    print("\n".join("  " + line for line in notes))
+
+
+# -----------------------------------------------------------------------------
+# 5. The first command on a GPU: `python bench.py --gpu-check` (at most about 8 minutes)
+
+
+def gpu_check(device, model="random-sd21", scale=1.0, budget=470):
+    """What no CPU could show, in one command and one table, within `budget` seconds: a few hundred steps of
+    stage 1 + the mesh stages and of --2d with random SD models in fp16 (exit 0, outputs written, logs
+    finite); torchrun with one process per GPU; a stage-1 step at 512 px with SD-2.1-shaped models (ms, peak
+    memory); the test suite on this machine, with what time is left. scale shrinks the step counts and
+    model picks the random model, for a rehearsal on a CPU (--model tiny, without the 512-px step and the suite)."""
+    folder, rows, deadline = tempfile.mkdtemp(prefix="gpu-check-"), [], time.perf_counter() + budget
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    here, py = os.path.dirname(os.path.abspath(__file__)), sys.executable
+    steps = lambda n: str(max(2, int(n * scale)))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 2
+
+    def check(name, command, timeout, outputs=(), figures=lambda run: ""):
+        start, timeout = time.perf_counter(), max(1, min(timeout, deadline - time.perf_counter()))
+        try:
+            run = subprocess.run(command, cwd=here, env=env, capture_output=True, text=True, timeout=timeout)
+            code, last = run.returncode, ((run.stdout + run.stderr).strip().splitlines() or [""])[-1]
+        except subprocess.TimeoutExpired:
+            run, code, last = None, f"timeout ({timeout:.0f} s)", ""
+        missing = [o for o in outputs if not glob.glob(os.path.join(folder, o))]
+        ok = code == 0 and not missing
+        note = figures(run) if ok else (f"exit {code}" + (f"; missing {', '.join(missing)}" if missing else "")
+                                        + (f": {last[-100:]}" if last else ""))
+        rows.append(dict(section="gpu-check", check=name, result="ok" if ok else "FAIL",
+                         seconds=time.perf_counter() - start, figures=note))
+        print(f"  {name}: {rows[-1]['result']} ({rows[-1]['seconds']:.0f} s) {note}", flush=True)
+
+    def finite_log(out):  # every number stage 1, the 2D mode and the mesh stages logged is finite
+        def figures(run):
+            text = "".join(Path(p).read_text() for p in glob.glob(os.path.join(folder, out, "**", "log.txt"), recursive=True))
+            bad = len(re.findall(r"\b(nan|inf)\b", text, re.I))
+            return f"{len(text.splitlines())} log lines, " + ("all finite" if not bad else f"{bad} NaN/inf")
+        return figures
+
+    run_prolific = [py, "prolific.py", "--model", model, "--device", device.type]
+    check(f"stage 1 + mesh, {model}", [*run_prolific, "a blue tulip", "--mesh", "--steps", steps(300),
+                                       "--geometry-steps", steps(100), "--texture-steps", steps(100),
+                                       "--tet-resolution", "64", "--texture-size", "512", "--save-every", steps(100),
+                                       "--preview-every", steps(100), "--out", os.path.join(folder, "mesh")], 150,
+          ["mesh/checkpoint.pt", "mesh/particle0/turntable.*", "mesh/particle0/mesh.glb"], finite_log("mesh"))
+    check(f"--2d, {model}", [*run_prolific, "a hamburger", "--2d", "--steps", steps(200), "--particles", "4",
+                             "--out", os.path.join(folder, "2d")], 90, ["2d/particles.png"], finite_log("2d"))
+    check(f"torchrun, {gpus} process(es)", [py, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
+                                            *run_prolific[1:], "a blue tulip", "--steps", steps(50),
+                                            "--particles", str(gpus), "--out", os.path.join(folder, "torchrun")], 90,
+          ["torchrun/checkpoint.pt", *[f"torchrun/particle{k}/turntable.*" for k in range(gpus)]],
+          finite_log("torchrun"))
+    bench_json = os.path.join(folder, "bench.json")
+    if model != "random-sd21":  # a rehearsal: the 512-px step (minutes on a CPU) and the suite are left out
+        return rows
+    check("stage-1 step at 512, SD-2.1-shaped, and the estimates", [py, "bench.py", "--only", "stage1,mem", "--stage1-res", "512",
+                                                 "--stage1-lora", "default", "--device", device.type,
+                                                 "--json", bench_json], 200, ["bench.json"],
+          lambda run: stage1_figures(bench_json))
+    check("test suite", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_prolific.py"], 300,
+          figures=lambda run: run.stdout.strip().splitlines()[-1])
+    print_table(f"5. GPU check on {header(device)['device_name']} (outputs in {folder})", rows, [
+        ("check", "check", "{}"), ("result", "result", "{}"), ("seconds", "s", "{:.0f}"), ("figures", "figures", "{}")])
+    return rows
+
+
+def stage1_figures(path):
+    """ms per step and peak memory of bench.json's stage-1 rows, with section 4's estimate beside each."""
+    rows = json.load(open(path))["rows"]
+    estimate = {(r["resolution"], r["lora_model"]): r["estimate_gb"] for r in rows
+                if r.get("section") == "mem" and r["stage"].startswith("1 ")}
+    return "; ".join(f"{r['resolution']} px: {r['ms_per_step'] or 0:.0f} ms/step, peak "
+                     + ("-" if r["peak_alloc_gb"] is None else f"{r['peak_alloc_gb']:.1f} GB allocated")
+                     + f" (estimate {estimate.get((r['resolution'], r['lora_model']), float('nan')):.1f} GB)"
+                     for r in rows if r.get("section") == "stage1")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
-SECTIONS = ("hashgrid", "tets", "raster", "render", "skip", "refresh", "stage1")
+SECTIONS = ("hashgrid", "tets", "raster", "render", "skip", "refresh", "stage1", "mem")
 
 
 def main(argv=None):
@@ -598,7 +1089,13 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stage1-res", default=None, help="render sizes for section 3 (default CPU: 64, GPU: 64,128,256,512)")
     p.add_argument("--stage1-lora", default=None, help="lora models for section 3: default,same (default CPU: default)")
+    p.add_argument("--mem-card-gb", type=float, default=None,
+                   help=f"card size the mem estimates assume (default: this GPU's, else {GOAL_GB})")
     p.add_argument("--json", default=None, metavar="PATH", help="write the header and all rows as JSON")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the first command on a GPU: short runs of every mode, torchrun, a 512-px step, the tests")
+    p.add_argument("--model", default="random-sd21", help="--gpu-check's random model (tiny: a rehearsal on a CPU)")
+    p.add_argument("--scale", type=float, default=1.0, help="--gpu-check's step counts times this")
     args = p.parse_args(argv)
     only = args.only.split(",")
     unknown = set(only) - set(SECTIONS)
@@ -614,6 +1111,9 @@ def main(argv=None):
           f"{info['diffusers']}; {info['threads']} torch threads, {info['cpu_count']} CPUs, "
           f"load average {info['load_average']}; {info['date']}")
     rows, start = [], time.perf_counter()
+    if args.gpu_check:
+        rows += gpu_check(device, args.model, args.scale)
+        only = []
     if "hashgrid" in only:
         rows += bench_hashgrid(device, [2**16, 2**18, 2**20] if gpu else [2**16, 2**18], repeats=10 if gpu else 3)
     if "tets" in only:
@@ -633,6 +1133,9 @@ def main(argv=None):
     if "stage1" in only:
         # On a CPU one step takes minutes (two 866M UNets and the VAE at 512 px): 2 steps, no warm-up.
         rows += bench_stage1(device, stage1_res, steps=5 if gpu else 2, warmup=1 if gpu else 0, lora_models=stage1_lora)
+    if "mem" in only:
+        card_gb = args.mem_card_gb or (torch.cuda.get_device_properties(device).total_memory / GB if gpu else GOAL_GB)
+        rows += bench_mem(rows, card_gb)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

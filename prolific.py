@@ -46,6 +46,7 @@ n particles.
 import argparse
 import contextlib
 import copy
+import datetime
 import errno
 import functools
 import io
@@ -402,7 +403,7 @@ def surrogate_loss(x0, g):
 #   loss(x0, camera)                        Eq. (8) on the detached particles, with its own t and noise
 #   trainable()                             the parameters that Eq. (8) trains
 #   optimizer(), learning_rate(step)        its AdamW and the lr schedule of each step
-# and eps_phi_step takes one step of Eq. (8) in every loop. Three forms: a LoRA of a Stable Diffusion UNet with
+# and eps_phi_step takes one step of Eq. (8) in every loop, with phi_optimizer's loss scaling. Three forms: a LoRA of a Stable Diffusion UNet with
 # a camera MLP (3D and 2D with SD, App. F); a small network trained from scratch for other priors (App. G); and
 # whatever a prior brings through prior.eps_phi(cfg) (the shapes demo's LoRA of its pixel UNet, §17).
 
@@ -548,7 +549,7 @@ def make_eps_phi(prior, cfg, device, x0_shape=None):
     else:
         x0_shape = x0_shape or probe_shape(prior, cfg, device)
         net = SmallScore(x0_shape, prior.alphas_cumprod, cfg.camera_dropout).to(device)
-    return net, net.optimizer()
+    return net, phi_optimizer(net)
 
 
 def probe_shape(prior, cfg, device):
@@ -557,21 +558,33 @@ def probe_shape(prior, cfg, device):
         return tuple(prior.encode(torch.zeros(1, 3, cfg.resolution, cfg.resolution, device=device)).shape)
 
 
+def phi_optimizer(eps_phi):
+    """eps_phi's optimiser (its optimizer()), with a loss scaler. On a GPU the LoRA UNet runs in fp16, where
+    Eq. (8)'s gradients (an MSE over 16,384 latent numbers) fall near fp16's smallest normal and one overflow
+    makes an inf: the scaler multiplies the loss by 2^16 (halved after an overflow, doubled after 2000 clean
+    steps) and skips a step whose gradients hold an inf or NaN, so eps_phi stays finite and training goes on.
+    The scale is a power of two, so in fp32 the gradients unscale exactly: the same steps as without it."""
+    opt = eps_phi.optimizer()
+    opt.scaler = torch.amp.GradScaler(eps_phi.trainable()[0].device.type)
+    return opt
+
+
 def eps_phi_step(eps_phi, opt_phi, x0, camera, step, average=None):
     """One step of Eq. (8) on the particles x0 (detached: eps_phi follows the particles, it does not move them)
-    at eps_phi's learning rate for this step. average: under torchrun, Run.average makes the gradient the mean
-    over the processes, so that all train one eps_phi on all particles. Returns the loss (0 without eps_phi:
-    SDS has none)."""
+    at eps_phi's learning rate for this step; skipped where a gradient is inf or NaN (phi_optimizer). average:
+    under torchrun, Run.average makes the gradient the mean over the processes, so that all train one eps_phi
+    on all particles. Returns the loss (0 without eps_phi: SDS has none)."""
     if eps_phi is None:
         return torch.zeros(())
     loss = eps_phi.loss(x0.detach(), camera)
     opt_phi.zero_grad()
-    loss.backward()
+    opt_phi.scaler.scale(loss).backward()
     if average is not None:
         average(eps_phi)
     for group in opt_phi.param_groups:
         group["lr"] = eps_phi.learning_rate(step)
-    opt_phi.step()
+    opt_phi.scaler.step(opt_phi)                                             # unscales first; skips inf or NaN
+    opt_phi.scaler.update()
     return loss.detach()
 
 
@@ -1455,7 +1468,7 @@ def distill_points(prior, n_particles, dim, method="vsd", steps=2000, seed=0, lr
     eps_phi, opt_phi = None, None
     if method == "vsd":  # App. G: a small network from scratch; 4 noise draws per particle in Eq. (8)
         eps_phi = SmallScore((n_particles, dim), prior.alphas_cumprod, repeats=4)
-        opt_phi = eps_phi.optimizer()
+        opt_phi = phi_optimizer(eps_phi)
     for step in progress_bar(range(steps), progress, desc=f"{method} points"):
         x0 = prior.encode(theta)                                    # (n, d)
         t = sample_t(n_particles, 0.02, 0.98, x0.device)
@@ -1943,17 +1956,19 @@ def load_2d_checkpoint(out, method, theta, opt, eps_phi, opt_phi):
 
 
 def eps_phi_state(eps_phi, opt_phi):
-    """eps_phi's trainable weights only (LoRA and camera MLP, not the frozen UNet) and its optimiser."""
+    """eps_phi's trainable weights only (LoRA and camera MLP, not the frozen UNet), its optimiser and loss scale."""
     if eps_phi is None:
         return {}
     return {"eps_phi": {n: p.detach() for n, p in eps_phi.named_parameters() if p.requires_grad},
-            "opt_phi": opt_phi.state_dict()}
+            "opt_phi": opt_phi.state_dict(), "scaler": opt_phi.scaler.state_dict()}
 
 
 def load_eps_phi_state(state, eps_phi, opt_phi):
     if eps_phi is not None:
         eps_phi.load_state_dict(state["eps_phi"], strict=False)
         opt_phi.load_state_dict(state["opt_phi"])
+        if "scaler" in state:  # (checkpoints of earlier versions: the scale starts afresh)
+            opt_phi.scaler.load_state_dict(state["scaler"])
 
 
 def read_checkpoint(path):
@@ -2091,10 +2106,14 @@ def save_animation(images, stem):
     return path
 
 
-def decode(prior, x):
-    """Particles -> pictures (B, 3, H, W) in [0, 1]: the prior's decoder (SD's VAE, the shapes model's
-    [-1, 1] -> [0, 1]), or, for a prior without one, the particles themselves."""
-    return prior.decode(x) if hasattr(prior, "decode") else x.clamp(0, 1)
+def decode(prior, x, at_once=1):
+    """Particles -> pictures (B, 3, H, W) in [0, 1] on the CPU: the prior's decoder (SD's VAE, the shapes
+    model's [-1, 1] -> [0, 1]), or, for a prior without one, the particles themselves. at_once particles a
+    call: SD's VAE decodes a 512 px picture through 512x512x128 activations (64 MB each in fp16), and 16 at once
+    would be a spike beside the run's memory (diffusers' VAE slicing also decodes one at a time)."""
+    if not hasattr(prior, "decode"):
+        return x.clamp(0, 1).cpu()
+    return torch.cat([prior.decode(x[k:k + at_once]).cpu() for k in range(0, len(x), at_once)])
 
 
 def save_particles(prior, theta, out, name="particles"):
@@ -2151,17 +2170,57 @@ def world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup_distributed():
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPU). Returns the device this rank computes
-    on: cuda:LOCAL_RANK, or the CPU. Without torchrun's environment: no process group."""
-    cuda = torch.cuda.is_available()
+def setup_distributed(choice="auto"):
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU), and a gloo group for the waits that may
+    be long (wait_for_all). Returns the device this rank computes on: cuda:LOCAL_RANK, or the CPU. choice:
+    --device (auto: CUDA where there is one). Without torchrun's environment: no process group."""
+    global PATIENT
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "
+                        "leave --device out to run on the CPU")
+    cuda = choice != "cpu" and torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
+    local, here = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cuda and here > torch.cuda.device_count():
+        raise UserError(f"torchrun started {here} processes on this machine and it has {torch.cuda.device_count()} "
+                        f"GPU(s): one process a GPU, so use --nproc_per_node {torch.cuda.device_count()} "
+                        f"(or --device cpu)")
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
+    # A collective waits 10 minutes (NCCL's default), then aborts the run; after stage 1 each rank makes its own
+    # meshes and ranks finish hours apart (on --resume a rank whose meshes exist is done at once).
+    PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     return torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+PATIENT = None  # setup_distributed's gloo group for wait_for_all
+
+
+def wait_for_all():
+    """Under torchrun: wait, however long it takes, until every rank is here (a barrier on the PATIENT group)."""
+    if PATIENT is not None:
+        dist.barrier(group=PATIENT)
+
+
+def leave_distributed():
+    """Leave torchrun's process groups (nothing in a plain run)."""
+    global PATIENT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    PATIENT = None
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other ranks: what rank 0 puts in a cache (a demo model it trains on first use)
+    the others read, rather than every rank training it at once. fn's result, on every rank."""
+    if world()[0] == 0:
+        result = fn()
+    wait_for_all()
+    if world()[0] != 0:
+        result = fn()
+    return result
 
 
 def check_split(args, cfg):
@@ -2642,7 +2701,7 @@ def save_scatter(panels, path, means, size=320, lim=3.0):
 
 def two_d_prior(cfg, device):
     if cfg.model == "shapes":
-        unet = shapes_model(cfg.resolution, cfg.seed, progress=world()[0] == 0)
+        unet = rank0_first(lambda: shapes_model(cfg.resolution, cfg.seed, progress=world()[0] == 0))  # cached once
         return ShapesPrior(unet, shape_class(cfg.prompt), guidance_scale(cfg, cfg.method), device)
     return StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
 
@@ -3607,6 +3666,9 @@ def parse_args(argv):
                         '"shapes" a small model of coloured shapes trained on the CPU and cached (with --2d: '
                         'pictures of circles, squares, triangles; without: spheres, cubes, cones in 3D)')
     p.add_argument("--allow-cpu", action="store_true", help="start a real-model run on a machine without CUDA")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("PROLIFIC_DEVICE", "auto"),
+                   help="where to compute: auto (CUDA where there is a GPU), cpu or cuda (default: $PROLIFIC_DEVICE, "
+                        "else auto)")
     p.add_argument("--render-memory", type=positive(float), metavar="GB",
                    help="memory one render may hold, GiB (default: a quarter of what is free); sizes the ray chunks")
     p.add_argument("--lora-model", default=Config.lora_model, help='v-prediction UNet for eps_phi, or "same"')
@@ -3631,7 +3693,7 @@ def parse_args(argv):
     return args
 
 
-RESUME_FLAGS = {"--resume", "--mesh", "--render-memory", "--allow-cpu", "--geometry-steps", "--texture-steps",
+RESUME_FLAGS = {"--resume", "--mesh", "--render-memory", "--allow-cpu", "--device", "--geometry-steps", "--texture-steps",
                 "--tet-resolution", "--texture-size", "--mesh-threshold"}  # what --resume takes with it
 
 
@@ -3758,7 +3820,7 @@ def check_hardware(cfg, args, device):
 def run_nerf(cfg, out, device, resume=False):
     """Stage 1 from the command line: load SD (or the 3D shapes model), train, write turntables."""
     if cfg.model == "shapes":
-        net = solids_model(SOLIDS_SIZE, cfg.seed, progress=world()[0] == 0)
+        net = rank0_first(lambda: solids_model(SOLIDS_SIZE, cfg.seed, progress=world()[0] == 0))  # cached once
         prior = SolidsPrior(net, shape_class(cfg.prompt, SOLID_CLASSES), guidance_scale(cfg, cfg.method), device)
     else:
         prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
@@ -3836,7 +3898,7 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         check_split(args, cfg)
-        device = setup_distributed()  # under torchrun: join the process group; rank r computes on cuda:r
+        device = setup_distributed(args.device)  # under torchrun: join the process group; rank r computes on cuda:r
         if args.resume:
             lock = lock_run_folder(args.resume)
             cfg = load_config(args.resume)
@@ -3883,8 +3945,8 @@ def main(argv=None):
             lock = lock_run_folder(out)
             save_config(cfg, out)
             run_nerf(cfg, out, device)
-        if dist.is_initialized():  # leave together: a rank that tears down gloo while another still
-            dist.barrier()         # writes its outputs can abort ("terminate called without an active exception")
+        wait_for_all()  # leave together: a rank that tears down gloo while another still writes its outputs can
+                        # abort ("terminate called without an active exception")
     except UserError as e:
         if world()[0] == 0:  # under torchrun every rank meets the same error: say it once
             print(f"prolific.py: error: {e}", file=sys.stderr)
@@ -3912,8 +3974,7 @@ def main(argv=None):
             forget_unstarted_run(out, args.out is None)
         if lock is not None:
             os.close(lock)
-        if dist.is_initialized():  # leave the process group, so that no rank waits for this one forever
-            dist.destroy_process_group()
+        leave_distributed()  # so that no rank waits for this one forever
     return 0
 
 

@@ -2,6 +2,7 @@
 the math is checked on analytic priors whose exact answer is known, the Stable Diffusion code path on a
 tiny random SD built from configs."""
 import ast
+import copy
 import dataclasses
 import io
 import itertools
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never call the hub in tests
+os.environ.setdefault("PROLIFIC_DEVICE", "cpu")  # --device's default: the CPU, also on a machine with CUDA
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import prolific as P  # noqa: E402
@@ -1010,6 +1012,51 @@ def test_lora_attaches_only_adapter_and_camera_train_and_disabled_equals_origina
         plain = eps_phi.unet(x[:1], t[:1], encoder_hidden_states=prior.emb_plain, class_labels=c).sample
         view = eps_phi.unet(x[:1], t[:1], encoder_hidden_states=prior.emb_views[2:3], class_labels=c).sample
     assert torch.equal(out, plain) and (out - view).abs().max() > 1e-4
+
+
+def test_eps_phi_step_skips_a_non_finite_update_and_keeps_its_scale(monkeypatch):
+    """An inf or NaN in eps_phi's gradients (fp16 on a GPU) skips that step and halves the loss scale, instead
+    of making eps_phi NaN; the next step trains; the scale is checkpointed. In fp32 the scaled step is exactly
+    the plain one."""
+    prior, cfg, cpu = P.GaussianMixturePrior([[0.0, 0.0]], 1.0), P.Config(), torch.device("cpu")
+    torch.manual_seed(0)
+    eps_phi, opt = P.make_eps_phi(prior, cfg, cpu, (1, 2))
+    twin = copy.deepcopy(eps_phi)
+    plain = twin.optimizer()
+    x0 = torch.randn(4, 2)
+    torch.manual_seed(1)
+    P.eps_phi_step(eps_phi, opt, x0, None, 0)
+    torch.manual_seed(1)
+    plain.zero_grad()
+    twin.loss(x0, None).backward()
+    plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(eps_phi.trainable(), twin.trainable()))
+    before = [p.detach().clone() for p in eps_phi.trainable()]
+    hook = eps_phi.trainable()[0].register_hook(lambda g: g * float("nan"))  # one NaN gradient
+    P.eps_phi_step(eps_phi, opt, x0, None, 1)
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(eps_phi.trainable(), before))  # skipped: unchanged, finite
+    assert opt.scaler.get_scale() == 2.0 ** 15
+    P.eps_phi_step(eps_phi, opt, x0, None, 2)
+    assert all(p.isfinite().all() for p in eps_phi.trainable())
+    assert not all(torch.equal(a, b) for a, b in zip(eps_phi.trainable(), before))  # trains again
+    state = P.eps_phi_state(eps_phi, opt)
+    fresh, opt_fresh = P.make_eps_phi(prior, cfg, cpu, (1, 2))
+    P.load_eps_phi_state(state, fresh, opt_fresh)
+    assert opt_fresh.scaler.get_scale() == 2.0 ** 15
+
+
+def test_pictures_are_decoded_a_few_at_a_time(tmp_path):
+    """save_particles and the previews decode through SD's VAE one particle a call, never all at once."""
+    calls = []
+
+    class Prior:
+        def decode(self, x):
+            calls.append(len(x))
+            return (x[:, :3] + 1) / 2
+
+    P.save_particles(Prior(), torch.zeros(20, 4, 8, 8), str(tmp_path))
+    assert calls == [1] * 20 and Image.open(tmp_path / "particles.png").size[0] > 8
 
 
 def test_lora_optimiser_decays_and_warms_up():
@@ -2133,6 +2180,74 @@ def test_distributed_helpers_do_nothing_without_torchrun():
     x = torch.randn(3, 4)
     assert P.gather_cat(x) is x and P.gather_lists([x])[0].equal(x)
     assert not torch.distributed.is_initialized()
+
+
+PATIENT_DRIVER = """
+import datetime, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {here!r})
+import prolific as P
+plain = dist.init_process_group  # the run's own group times out after 2 s here (NCCL's default: 10 minutes)
+dist.init_process_group = lambda backend: plain(backend, timeout=datetime.timedelta(seconds=2))
+assert P.setup_distributed("cpu").type == "cpu"
+rank = dist.get_rank()
+
+def fill_cache():  # rank 0's first, as a demo model trained on first use
+    with open({log!r}, "a") as f:
+        f.write(f"start {{rank}}\\n")
+    time.sleep(3 if rank == 0 else 0)
+    with open({log!r}, "a") as f:
+        f.write(f"end {{rank}}\\n")
+    return rank
+
+assert P.rank0_first(fill_cache) == rank
+time.sleep(4 * rank)  # rank 1 finishes its meshes 4 s after rank 0, past the 2 s
+start = time.time()
+P.wait_for_all()
+print(f"rank {{rank}} waited {{time.time() - start:.1f}}", flush=True)
+P.leave_distributed()
+"""
+
+
+def test_ranks_wait_for_each_other_past_the_collective_timeout(tmp_path):
+    """Under torchrun, the final wait and rank 0's cache filling wait on a gloo group with a timeout of days:
+    a rank that is 4 s later than the other, with the process group's timeout at 2 s, is still waited for."""
+    driver, log, port = tmp_path / "driver.py", tmp_path / "log.txt", free_port()
+    driver.write_text(PATIENT_DRIVER.format(here=HERE, log=str(log)))
+    procs = [subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                                       LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    waited = float(re.search(r"rank 0 waited ([\d.]+)", results[0][0]).group(1))
+    assert waited > 3.0  # longer than the group's 2 s timeout
+    assert log.read_text().split("\n") == ["start 0", "end 0", "start 1", "end 1", ""]
+
+
+def test_device_choice_and_the_gpu_count_under_torchrun(monkeypatch, capsys):
+    """--device cpu keeps a CUDA machine on the CPU (the tests run so); --device cuda without CUDA, and more
+    torchrun processes than GPUs, are one line each."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert P.setup_distributed("cpu").type == "cpu" and P.setup_distributed("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device before the GPU count check"))
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(P.UserError, match=r"started 2 processes on this machine and it has 1 GPU\(s\).*--nproc_per_node 1"):
+        P.setup_distributed("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert P.main(["--toy", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "prolific.py: error: --device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "
+        "leave --device out to run on the CPU"]
+    assert P.parse_args(["--toy"]).device == os.environ["PROLIFIC_DEVICE"]
 
 
 # -----------------------------------------------------------------------------
