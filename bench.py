@@ -404,6 +404,7 @@ def bench_skip(device, sizes, repeats, train_steps, memory_size=512, settle=8):
         field.occupancy.refresh(field.density)
     field = field.to(device)
     field.occupancy.steps.fill_((field.occupancy.warmup + 1) * base.occupancy_every)  # refreshed as past its warmup
+    field.occupancy.count = int(field.occupancy.steps)
     refresh_lookups = count_lookups(field, lambda: field.occupancy.refresh(field.density))[0] / base.occupancy_every
     print(f"\n(2b: trained two known-scene fields, {train_steps} steps each, in {time.perf_counter() - t0:.0f} s; "
           f"{base.occupancy_resolution}^3 grid {field.occupancy.mask.float().mean():.1%} visited, "

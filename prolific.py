@@ -764,11 +764,14 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("rho", torch.full(shape, threshold))                  # (R, R, R), indexed [x, y, z]
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))          # the cells the sampler visits
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))           # training steps of the particle
+        self.count = 0  # the same count on the host, so that step() never waits for the GPU to read it
+        self.register_load_state_dict_post_hook(lambda grid, _: setattr(grid, "count", int(grid.steps)))
 
     def step(self, density):
         """Count one training step of the particle; every `every`-th one, refresh."""
         self.steps += 1
-        if int(self.steps) % self.every == 0:
+        self.count += 1
+        if self.count % self.every == 0:
             self.refresh(density)
 
     @torch.no_grad()
@@ -780,7 +783,7 @@ class OccupancyGrid(nn.Module):
         cells = torch.stack(torch.meshgrid(*[torch.arange(r, device=dev)] * 3, indexing="ij"), -1).view(-1, 3)
         x = ((cells + torch.rand(r**3, 3, device=dev)) / r * 2 - 1) * self.bound  # (R^3, 3): a point in every cell
         rho = self.rho.view(-1)                                                    # (R^3,), a view: written below
-        if int(self.steps) <= self.warmup * self.every:
+        if self.count <= self.warmup * self.every:
             look = torch.ones_like(rho, dtype=torch.bool)                          # young: every cell
         else:
             look = (rho >= self.threshold) | (torch.rand(r**3, device=dev) < self.share)  # occupied + a random share
@@ -1702,12 +1705,12 @@ class Run:
         (and at the last, if log_last), a preview every cfg.preview_every steps (of `picture`, where the loop has
         one) and a checkpoint every cfg.save_every steps. Ctrl-C waits for those files: a preview that the
         checkpoint counts as done is on disk."""
-        done, numbers = self.done, lambda: {k: number(v) for k, v in info.items()}
+        done, numbers = self.done, lambda: {k: number(v) for k, v in info.items()}  # (reading a number waits for the GPU)
         if hasattr(self.steps, "set_postfix"):
             self.steps.set_postfix(**numbers())
         if self.out is None:
             return
-        if self.log_every and (done % self.log_every == 0 or (self.log_last and done == self.total)):
+        if self.log_every and world()[0] == 0 and (done % self.log_every == 0 or (self.log_last and done == self.total)):
             log(self.out, f"{self.desc} step {done} " + " ".join(f"{k} {v}" for k, v in numbers().items()))
         with signals_held():
             if done % self.cfg.preview_every == 0:

@@ -2229,6 +2229,33 @@ def test_ranks_wait_for_each_other_past_the_collective_timeout(tmp_path):
     assert log.read_text().split("\n") == ["start 0", "end 0", "start 1", "end 1", ""]
 
 
+def test_no_host_reads_in_a_step_where_nothing_is_shown(monkeypatch, tmp_path):
+    """A step of the occupancy grid, and Run.show on a rank that shows and logs nothing, read no tensor on the
+    host (on a GPU each read waits for the device): the grid keeps its count on the host too, restored with its
+    state; Run.show on rank 1 reads no number."""
+    grid, calls = P.OccupancyGrid(1.0, resolution=8), []
+    density = lambda x: calls.append(len(x)) or torch.zeros(len(x))
+    def no_read(*args):
+        raise AssertionError("a tensor was read on the host")
+    monkeypatch.setattr(torch.Tensor, "__int__", no_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    for _ in range(15):
+        grid.step(density)
+    monkeypatch.undo()
+    assert calls == [] and int(grid.steps) == 15
+    copy_of_grid = P.OccupancyGrid(1.0, resolution=8)
+    copy_of_grid.load_state_dict(grid.state_dict())
+    copy_of_grid.step(density)  # its 16th step: a refresh
+    assert copy_of_grid.count == 16 and calls == [8 ** 3]
+    monkeypatch.setattr(P, "world", lambda: (1, 2))
+    monkeypatch.setattr(P, "number", no_read)
+    run = P.Run(str(tmp_path), P.Config(preview_every=1000, save_every=1000), "stage 1", 100, 0, True, [],
+                lambda step, rng: None, lambda step, picture: None, log_every=1)
+    run.done = 1
+    run.show(loss=torch.ones(()))
+    assert not (tmp_path / "log.txt").exists()
+
+
 def test_device_choice_and_the_gpu_count_under_torchrun(monkeypatch, capsys):
     """--device cpu keeps a CUDA machine on the CPU (the tests run so); --device cuda without CUDA, and more
     torchrun processes than GPUs, are one line each."""
