@@ -148,6 +148,8 @@ class Config:
     lambda_normal_consistency: float = 5000.0  # stage-2 regularisers of the authors' run.sh and main.py
     lambda_laplacian: float = 0.5
     texture_size: int = 2048        # texture atlas (2048^2 holds ~330k triangles)
+    mesh_min_part: float = 0.01     # the export drops connected parts with fewer faces than this share of the
+                                    # largest part's: floaters (threestudio's remove_outlier, threshold 0.01)
     # 2D mode (App. G)
     two_d: bool = False             # --2d: the particles are images, g(theta) = theta
     steps_2d: int = 5000
@@ -2597,9 +2599,33 @@ def write_glb(path, vertices, faces, uv, texture_image):
 
 
 @torch.no_grad()
+def mesh_parts(faces, num_vertices):
+    """Each face's connected part (faces that share a vertex are in one), as the smallest vertex index of the
+    part: labels spread over the faces until nothing changes. (F, 3) long -> (F,) long."""
+    label = torch.arange(num_vertices, device=faces.device)
+    while True:
+        least = label[faces].amin(1)                                         # (F,) the face's smallest label
+        new = label.scatter_reduce(0, faces.flatten(), least.repeat_interleave(3), "amin")
+        new = new[new]                                                       # follow labels to their own label
+        if torch.equal(new, label):
+            return label[faces[:, 0]]
+        label = new
+
+
+def without_small_parts(faces, num_vertices, share):
+    """The faces of the parts with at least `share` of the largest part's faces (floaters left out)."""
+    part = mesh_parts(faces, num_vertices)
+    ids, counts = part.unique(return_counts=True)
+    keep = ids[counts >= share * counts.max()]
+    return faces[torch.isin(part, keep)]
+
+
+@torch.no_grad()
 def export_mesh(dmtet, tex, cfg, folder):
-    """mesh.obj + mesh.mtl + texture.png, mesh.glb, and turntables of the normal map and textured mesh."""
+    """mesh.obj + mesh.mtl + texture.png, mesh.glb, and turntables of the normal map and textured mesh; the
+    mesh without parts smaller than cfg.mesh_min_part of its largest (floaters)."""
     vertices, faces = dmtet()
+    faces = without_small_parts(faces, len(vertices), cfg.mesh_min_part)
     size = texture_size_for(len(faces), cfg.texture_size)
     uv = uv_atlas(len(faces), size)
     image = bake_texture(vertices, faces, uv.to(vertices.device), tex, size)
@@ -3250,6 +3276,7 @@ SOLIDS_SETTINGS = dict(
     n_samples=32, n_importance=16, occupancy_resolution=32, mlp_lr=1e-2,  # as the known-scene tests: 300 steps
     cfg_vsd=2.0, cfg_sds=20.0,             # the 2D shapes model's scales (SHAPES_GUIDANCE)
     geometry_steps=300, texture_steps=300, tet_resolution=32, texture_size=256,
+    mesh_min_part=0.5,                     # one solid a prompt: the parts under half the largest are floaters
     save_every=200, preview_every=100)
 
 

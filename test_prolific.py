@@ -2256,6 +2256,23 @@ def test_no_host_reads_in_a_step_where_nothing_is_shown(monkeypatch, tmp_path):
     assert not (tmp_path / "log.txt").exists()
 
 
+def test_the_export_leaves_out_parts_smaller_than_its_share_of_the_largest():
+    """mesh_parts labels connected parts; without_small_parts keeps those with at least `share` of the largest's
+    faces: a big sphere (528 faces), a small one (120) and a cube (12) apart from each other."""
+    big, f_big = P.solid_mesh("sphere", r=0.3, segments=24)
+    small, f_small = P.solid_mesh("sphere", r=0.1, segments=12)
+    cube, f_cube = P.solid_mesh("cube", r=0.1)
+    v = torch.cat([big, small + torch.tensor([0.6, 0.0, 0.0]), cube - torch.tensor([0.6, 0.0, 0.0])])
+    f = torch.cat([f_big, f_small + len(big), f_cube + len(big) + len(small)])
+    f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(0))]  # parts interleaved
+    parts = P.mesh_parts(f, len(v))
+    assert sorted(parts.unique(return_counts=True)[1].tolist()) == [12, 120, 528]
+    assert len(P.without_small_parts(f, len(v), 0.01)) == 528 + 120 + 12
+    assert len(P.without_small_parts(f, len(v), 0.1)) == 528 + 120
+    kept = P.without_small_parts(f, len(v), 0.5)
+    assert len(kept) == 528 and v[kept.flatten()].norm(dim=1).max() < 0.31 and P.is_watertight(kept)
+
+
 def test_device_choice_and_the_gpu_count_under_torchrun(monkeypatch, capsys):
     """--device cpu keeps a CUDA machine on the CPU (the tests run so); --device cuda without CUDA, and more
     torchrun processes than GPUs, are one line each."""
