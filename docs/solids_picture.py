@@ -3,7 +3,8 @@
     python docs/solids_picture.py RUNS OUT.png "red sphere" "blue cone" ...
 
 RUNS holds docs/solids_table.py's run folders (RUNS/<colour>-<solid>). Each row: 6 frames, 60 degrees apart, of
-the textured mesh's turntable (particle0/mesh_turntable.webp, as the program writes it), drawn 3x larger.
+the textured mesh's turntable, then the same 6 of its normal map (particle0/mesh_turntable.webp and
+normal_turntable.webp, as the program writes them), drawn 3x larger.
 """
 import os
 import sys
@@ -22,7 +23,9 @@ def frames(path, count=6, zoom=3):
 
 
 def main(runs, out, classes):
-    rows = [frames(os.path.join(runs, name.replace(" ", "-"), "particle0", "mesh_turntable.webp")) for name in classes]
+    folders = [os.path.join(runs, name.replace(" ", "-"), "particle0") for name in classes]
+    rows = [frames(os.path.join(f, "mesh_turntable.webp")) + frames(os.path.join(f, "normal_turntable.webp"))
+            for f in folders]
     w, h = rows[0][0].size
     sheet = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
     for r, row in enumerate(rows):
