@@ -405,9 +405,10 @@ def surrogate_loss(x0, g):
 #   loss(x0, camera)                        Eq. (8) on the detached particles, with its own t and noise
 #   trainable()                             the parameters that Eq. (8) trains
 #   optimizer(), learning_rate(step)        its AdamW and the lr schedule of each step
-# and eps_phi_step takes one step of Eq. (8) in every loop, with phi_optimizer's loss scaling. Three forms: a LoRA of a Stable Diffusion UNet with
-# a camera MLP (3D and 2D with SD, App. F); a small network trained from scratch for other priors (App. G); and
-# whatever a prior brings through prior.eps_phi(cfg) (the shapes demo's LoRA of its pixel UNet, §17).
+# and eps_phi_step takes one step of Eq. (8) in every loop, with phi_optimizer's loss scaling. Three forms: a
+# LoRA of a Stable Diffusion UNet with a camera MLP (3D and 2D with SD, App. F); a small network trained from
+# scratch for other priors (App. G); and whatever a prior brings through prior.eps_phi(cfg) (the shapes demo's
+# LoRA of its pixel UNet, §17).
 
 
 class LoRAScore(nn.Module):
