@@ -2731,7 +2731,7 @@ def save_scatter(panels, path, means, size=320, lim=3.0):
 
 def two_d_prior(cfg, device):
     if cfg.model == "shapes":
-        unet = rank0_first(lambda: shapes_model(cfg.resolution, cfg.seed, progress=world()[0] == 0))  # cached once
+        unet = shapes_model(cfg.resolution, cfg.seed, progress=world()[0] == 0)
         return ShapesPrior(unet, shape_class(cfg.prompt), guidance_scale(cfg, cfg.method), device)
     return StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
 
@@ -2965,7 +2965,12 @@ def shapes_model(size=32, seed=0, progress=False, **training):
 
 def cached_model(what, name, build, train, hp, size, seed, progress):
     """A demo model (build(hp), trained by train(size, seed, progress, **hp)) from the cache, or trained now and
-    cached. A cache file that cannot be read, or was trained with other settings, is trained again."""
+    cached. A cache file that cannot be read, or was trained with other settings, is trained again. Under
+    torchrun rank 0 fills the cache while the other ranks wait, then they read it (rank0_first)."""
+    return rank0_first(lambda: cached_or_trained(what, name, build, train, hp, size, seed, progress))
+
+
+def cached_or_trained(what, name, build, train, hp, size, seed, progress):
     training, hp = hp, {**hp, "size": size, "seed": seed}
     recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in hp.items()}  # as the checkpoint holds them
     path = os.path.join(shapes_cache_dir(), f"{name}-{size}px-seed{seed}.pt")
@@ -3851,7 +3856,7 @@ def check_hardware(cfg, args, device):
 def run_nerf(cfg, out, device, resume=False):
     """Stage 1 from the command line: load SD (or the 3D shapes model), train, write turntables."""
     if cfg.model == "shapes":
-        net = rank0_first(lambda: solids_model(SOLIDS_SIZE, cfg.seed, progress=world()[0] == 0))  # cached once
+        net = solids_model(SOLIDS_SIZE, cfg.seed, progress=world()[0] == 0)
         prior = SolidsPrior(net, shape_class(cfg.prompt, SOLID_CLASSES), guidance_scale(cfg, cfg.method), device)
     else:
         prior = StableDiffusionPrior(cfg, device, guidance_scale(cfg, cfg.method))
